@@ -1,0 +1,102 @@
+"""Fetch a Blenderbot checkpoint from the Hugging Face hub or a local directory.
+
+The service never reads the hub at run time: a checkpoint is fetched once, checked
+by loading it, and saved as a standard directory that the BentoML model store keeps
+(see ``import_model.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from huggingface_hub import constants
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+
+class CheckpointUnavailable(RuntimeError):
+    """The checkpoint cannot be had here; the message says what to do instead."""
+
+
+def is_local(source: str) -> bool:
+    return Path(source).is_dir()
+
+
+def fingerprint(source: str) -> str:
+    """Short id of a source's content, so a changed local directory is re-imported.
+
+    Hub ids are immutable enough by name; local directories are identified by the
+    names, sizes and modification times of their files (cheap even for 1.5 GB).
+    """
+    digest = hashlib.sha256(source.encode())
+    if is_local(source):
+        for file in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    """One TCP connect instead of huggingface_hub's minute of retries."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _unavailable(source: str, reason: str) -> CheckpointUnavailable:
+    return CheckpointUnavailable(
+        f"Cannot load the model '{source}': {reason} "
+        "Either run this where https://huggingface.co is reachable (the model is then "
+        "kept in the local BentoML model store and never downloaded again), or set "
+        "CHATBOT_MODEL to a local directory holding a Hugging Face Blenderbot "
+        "checkpoint (config.json, weights, tokenizer files), for example the offline "
+        "test model built by `make tiny-model`, or copy an imported model from another "
+        "machine with `bentoml models export` / `bentoml models import`."
+    )
+
+
+def save_checkpoint(source: str, destination: Path) -> None:
+    """Load ``source`` (hub id or directory), check it, save it to ``destination``.
+
+    Loading before saving proves the checkpoint works and leaves a normalised
+    directory (safetensors weights, tokenizer.json) whatever the source held.
+    """
+    local = is_local(source)
+    if not local and not _hub_reachable():
+        try:
+            _load_and_save(source, destination, local_files_only=True)
+            return
+        except OSError:
+            raise _unavailable(
+                source,
+                "the Hugging Face hub cannot be reached and the model is not in the "
+                "local Hugging Face cache.",
+            ) from None
+    try:
+        _load_and_save(source, destination, local_files_only=local)
+    except OSError as error:
+        raise _unavailable(source, f"{error}".splitlines()[0]) from error
+
+
+def _load_and_save(source: str, destination: Path, local_files_only: bool) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        source, local_files_only=local_files_only
+    )
+    if not model.config.is_encoder_decoder:
+        raise CheckpointUnavailable(
+            f"'{source}' is a {model.config.model_type} model; this service serves "
+            "Blenderbot-style encoder-decoder chat models."
+        )
+    os.makedirs(destination, exist_ok=True)
+    tokenizer.save_pretrained(destination)
+    model.save_pretrained(destination)

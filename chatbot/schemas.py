@@ -1,0 +1,119 @@
+"""Pydantic models for every payload the service accepts or returns.
+
+Validation lives here, not in handlers, so a bad request is refused with a precise
+4xx message before it can reach the batch queue or the model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_MESSAGE_CHARS = 4_000
+"""Longest single message accepted; Blenderbot only ever sees 128 tokens anyway."""
+
+MAX_TURNS = 200
+"""Most messages in one conversation, history and new user message included."""
+
+MAX_BEAMS = 16
+
+MessageText = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+UserText = Annotated[
+    str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")
+]
+
+
+class _Strict(BaseModel):
+    """Unknown fields and type coercion are errors: a typo must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Message(_Strict):
+    """One chat turn. Assistant turns may be empty (a model can answer nothing)."""
+
+    role: Literal["user", "assistant"]
+    content: MessageText
+
+    @model_validator(mode="after")
+    def _user_text_is_not_blank(self) -> Message:
+        if self.role == "user" and not self.content.strip():
+            raise ValueError("a user message must contain some non-blank text")
+        return self
+
+
+class GenerationOptions(_Strict):
+    """Per-request overrides of the model's own ``generation_config``.
+
+    ``None`` means "the model's default" (for blenderbot-400M-distill: 10 beams,
+    at least 19 and at most 59 new tokens, no sampling).
+    """
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+    num_beams: int | None = Field(default=None, ge=1, le=MAX_BEAMS)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sampling_options_need_sampling(self) -> GenerationOptions:
+        uses_sampling_knobs = self.temperature is not None or self.top_p is not None
+        if self.do_sample is False and uses_sampling_knobs:
+            raise ValueError("temperature and top_p only apply when do_sample is true")
+        return self
+
+
+class ChatRequest(GenerationOptions):
+    """A conversation that ends with the user's newest message, plus options."""
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_TURNS)
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> ChatRequest:
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must come from the user")
+        return self
+
+
+class LegacyChatRequest(_Strict):
+    """The payload of the original microservice design, accepted unchanged."""
+
+    past_user_inputs: list[UserText] = Field(
+        default_factory=list, max_length=MAX_TURNS // 2
+    )
+    generated_responses: list[MessageText] = Field(
+        default_factory=list, max_length=MAX_TURNS // 2
+    )
+    user_input: UserText
+
+    @model_validator(mode="after")
+    def _histories_pair_up(self) -> LegacyChatRequest:
+        if len(self.past_user_inputs) != len(self.generated_responses):
+            raise ValueError(
+                "past_user_inputs and generated_responses must have the same length "
+                f"(got {len(self.past_user_inputs)} and {len(self.generated_responses)})"
+            )
+        return self
+
+    def to_chat_request(self) -> ChatRequest:
+        messages: list[Message] = []
+        for said, answered in zip(self.past_user_inputs, self.generated_responses):
+            messages += [
+                Message(role="user", content=said),
+                Message(role="assistant", content=answered),
+            ]
+        messages.append(Message(role="user", content=self.user_input))
+        return ChatRequest(messages=messages)
+
+
+class ChatReply(BaseModel):
+    """The model's answer and what it cost."""
+
+    reply: str
+    model: str
+    prompt_tokens: int = Field(description="Tokens the model read (after truncation).")
+    completion_tokens: int = Field(description="Tokens the model wrote.")
+    truncated: bool = Field(
+        description="True when older turns were cut to fit the model's input window."
+    )

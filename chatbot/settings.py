@@ -1,0 +1,55 @@
+"""Runtime configuration, read once from environment variables.
+
+Every knob of the service lives here with its default, so the README's configuration
+table and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "facebook/blenderbot-400M-distill"
+
+_TAG_NAME_MAX = 63
+
+
+def store_name_for(source: str) -> str:
+    """BentoML model-store name for a hub id or a local directory.
+
+    Hub ids keep their organisation (``facebook/x`` -> ``facebook--x``) so two models
+    with the same basename never collide; local directories use their folder name.
+    """
+    if os.path.isdir(source):
+        source = os.path.basename(os.path.normpath(os.path.abspath(source)))
+    name = re.sub(r"[^a-z0-9._-]+", "-", source.lower().replace("/", "--"))
+    return name.strip("-._")[:_TAG_NAME_MAX].rstrip("-._") or "chatbot-model"
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings; see the README's configuration table."""
+
+    model: str
+    model_tag: str
+    max_batch_size: int
+    max_latency_ms: int
+    timeout_s: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        model = os.environ.get("CHATBOT_MODEL", "").strip() or DEFAULT_MODEL
+        return cls(
+            model=model,
+            model_tag=os.environ.get("CHATBOT_MODEL_TAG", "").strip()
+            or f"{store_name_for(model)}:latest",
+            max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 32),
+            max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 120_000),
+            timeout_s=_int("CHATBOT_TIMEOUT_S", 300),
+        )

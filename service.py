@@ -1,0 +1,74 @@
+"""Blenderbot chat as a BentoML service, with adaptive batching.
+
+Every chat endpoint funnels into ``generate``, a batchable API: BentoML's dispatcher
+merges concurrent conversations into one padded ``model.generate`` call. The logic
+lives in the ``chatbot`` package; this file only wires it to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+import bentoml
+from bentoml.validators import ContentType
+from starlette.responses import JSONResponse
+
+from chatbot.engine import ChatEngine
+from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest
+from chatbot.settings import Settings
+
+logger = logging.getLogger("bentoml.chatbot")
+settings = Settings.from_env()
+
+
+@bentoml.service(
+    traffic={"timeout": settings.timeout_s},
+    # bentoml 1.4.31-1.4.40 close the in-process client every 100 requests, failing
+    # the calls in flight (bentoml#5540); never recycling it avoids the drops.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
+)
+class Chatbot:
+    model = bentoml.models.BentoModel(settings.model_tag)
+
+    @bentoml.on_startup
+    def start_loading(self) -> None:
+        """Load the model in the background so /livez answers while it loads."""
+        source = self.model.info.metadata.get("source", str(self.model.tag))
+        self.loading = asyncio.create_task(
+            asyncio.to_thread(ChatEngine.load, self.model.path, source)
+        )
+
+    def __is_ready__(self) -> bool:
+        return self.loading.done() and self.loading.exception() is None
+
+    def __is_alive__(self) -> bool:
+        return not (self.loading.done() and self.loading.exception() is not None)
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    async def generate(self, requests: list[ChatRequest]) -> list[ChatReply]:
+        """Answer many conversations; concurrent calls are batched together."""
+        engine = await asyncio.shield(self.loading)
+        return await asyncio.to_thread(engine.generate, requests)
+
+    @bentoml.api(input_spec=ChatRequest)
+    async def respond(self, **request: Any) -> ChatReply:
+        """Reply to ``messages`` with optional generation options."""
+        return await self._reply(ChatRequest(**request))
+
+    @bentoml.api(input_spec=LegacyChatRequest)
+    async def chat(self, **request: Any) -> Annotated[str, ContentType("application/json")]:
+        """The original design's endpoint: the reply as a JSON string."""
+        reply = await self._reply(LegacyChatRequest(**request).to_chat_request())
+        return JSONResponse(reply.reply)  # a bare str would go out as text/plain
+
+    async def _reply(self, request: ChatRequest) -> ChatReply:
+        engine = await asyncio.shield(self.loading)
+        engine.check(request)
+        (reply,) = await self.generate([request])
+        return reply

@@ -1,0 +1,39 @@
+"""``import_model.py``: local checkpoints go into the model store once; offline hub
+ids stop with a one-paragraph explanation instead of a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chatbot.settings import DEFAULT_MODEL, store_name_for
+from conftest import import_model, offline_env
+
+
+def test_a_local_checkpoint_is_imported_once(tiny_checkpoint: Path, tmp_path: Path):
+    env = offline_env(tmp_path / "home", tiny_checkpoint)
+    first = import_model(env)
+    assert first.returncode == 0, first.stderr
+    tag = first.stdout.strip()
+    assert tag.startswith("tiny-blenderbot:")
+    stored = tmp_path / "home" / "models" / "tiny-blenderbot" / tag.split(":")[1]
+    assert (stored / "model.safetensors").exists()
+    assert (stored / "tokenizer.json").exists()
+    assert (stored / "generation_config.json").exists()
+    again = import_model(env)
+    assert again.stdout.strip() == tag
+
+
+def test_an_unreachable_hub_model_gets_a_clear_message(tmp_path: Path):
+    result = import_model(offline_env(tmp_path / "home", DEFAULT_MODEL))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith(f"error: Cannot load the model '{DEFAULT_MODEL}'")
+    assert "CHATBOT_MODEL" in message and "\n" not in message
+
+
+def test_store_names(tmp_path: Path):
+    hub_id = "facebook/blenderbot-400M-distill"
+    assert store_name_for(hub_id) == "facebook--blenderbot-400m-distill"
+    (tmp_path / "My Model").mkdir()
+    assert store_name_for(f"{tmp_path}/My Model/") == "my-model"
