@@ -7,7 +7,7 @@ BENTOML := $(VENV)/bin/bentoml
 PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 
-.PHONY: help install test serve tiny-model serve-tiny bento
+.PHONY: help install browser test run serve ui tiny-model serve-tiny screenshot
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,8 +19,22 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-test: install  ## run the whole offline test suite
+browser:  ## install Debian's chromium for the browser tests (needs root)
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "warning: could not install chromium; the browser test will be skipped"; }
+
+test: install browser  ## run the whole offline test suite
 	$(PY) -m pytest
+
+run: install  ## the service and the chat page together (Ctrl-C stops both)
+	VENV=$(VENV) PORT=$(PORT) scripts/run.sh
+
+ui: install  ## the chat page alone, against CHATBOT_URL (default http://127.0.0.1:3000)
+	STREAMLIT_SERVER_ADDRESS=$${STREAMLIT_SERVER_ADDRESS:-127.0.0.1} \
+	STREAMLIT_SERVER_HEADLESS=true STREAMLIT_BROWSER_GATHER_USAGE_STATS=false \
+	STREAMLIT_CLIENT_TOOLBAR_MODE=minimal $(VENV)/bin/streamlit run frontend/app.py
 
 serve: install  ## run the service on 127.0.0.1:$PORT (CHATBOT_MODEL = hub id or local dir)
 	tag=$$($(PY) import_model.py) && \
@@ -33,3 +47,6 @@ tiny-model: install $(TINY_MODEL)/model.safetensors  ## build the tiny offline t
 
 serve-tiny: tiny-model  ## run the service on the tiny offline model
 	$(MAKE) serve CHATBOT_MODEL=$(abspath $(TINY_MODEL))
+
+screenshot: install browser  ## redo docs/chat-page.png (runs `make run` on the offline model)
+	$(PY) scripts/screenshot.py docs/chat-page.png

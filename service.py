@@ -16,7 +16,7 @@ from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 
 from chatbot.engine import ChatEngine
-from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest
+from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings
 
 logger = logging.getLogger("bentoml.chatbot")
@@ -66,6 +66,12 @@ class Chatbot:
         """The original design's endpoint: the reply as a JSON string."""
         reply = await self._reply(LegacyChatRequest(**request).to_chat_request())
         return JSONResponse(reply.reply)  # a bare str would go out as text/plain
+
+    @bentoml.api
+    async def info(self) -> ModelInfo:
+        """The served model and the generation options it accepts."""
+        engine = await asyncio.shield(self.loading)
+        return engine.info()
 
     async def _reply(self, request: ChatRequest) -> ChatReply:
         engine = await asyncio.shield(self.loading)

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from chatbot.conversation import EncodedConversation, encode_conversation
-from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions
+from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,15 @@ class ChatEngine:
             do_sample=bool(config.do_sample),
             temperature=config.temperature or 1.0,
             top_p=config.top_p or 1.0,
+        )
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model=self.model_name,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            default_max_new_tokens=self.defaults.max_new_tokens,
+            default_num_beams=self.defaults.num_beams,
+            default_do_sample=self.defaults.do_sample,
         )
 
     def check(self, options: GenerationOptions) -> None:

@@ -117,3 +117,14 @@ class ChatReply(BaseModel):
     truncated: bool = Field(
         description="True when older turns were cut to fit the model's input window."
     )
+
+
+class ModelInfo(BaseModel):
+    """What a client needs to offer valid options: the model and its limits."""
+
+    model: str
+    max_new_tokens_limit: int = Field(description="Most new tokens one reply can have.")
+    max_beams: int = MAX_BEAMS
+    default_max_new_tokens: int
+    default_num_beams: int
+    default_do_sample: bool

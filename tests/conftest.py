@@ -66,13 +66,15 @@ def import_model(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_until_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+def wait_until_ready(
+    url: str, process: subprocess.Popen[bytes], health_path: str = "/readyz"
+) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}")
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{health_path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

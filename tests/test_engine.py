@@ -89,3 +89,10 @@ def test_truncation_is_reported(engine: ChatEngine):
     (reply,) = engine.generate([ChatRequest(messages=history, max_new_tokens=3)])
     assert reply.truncated
     assert reply.prompt_tokens == 128
+
+
+def test_info_tells_clients_the_model_and_its_limits(engine: ChatEngine):
+    info = engine.info()
+    assert (info.model, info.max_new_tokens_limit) == ("tiny-blenderbot", 127)
+    assert (info.default_max_new_tokens, info.default_num_beams) == (59, 10)
+    assert info.default_do_sample is False

@@ -165,3 +165,9 @@ def test_mixed_generation_options_under_concurrency(server):
     assert all(r.status_code == 200 for r in together)
     for payload, response in list(zip(payloads, together))[:3]:
         assert post(server, "/respond", payload).json() == response.json()
+
+
+def test_info_names_the_model_and_its_limits(server):
+    info = post(server, "/info", {}).json()
+    assert info["model"].endswith("tiny-blenderbot")
+    assert info["max_new_tokens_limit"] == 127 and info["max_beams"] == 16
