@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 BENTOML := $(VENV)/bin/bentoml
 PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
+BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser test run serve ui tiny-model serve-tiny screenshot
+.PHONY: help install browser test run serve ui tiny-model serve-tiny screenshot bento
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +48,10 @@ tiny-model: install $(TINY_MODEL)/model.safetensors  ## build the tiny offline t
 
 serve-tiny: tiny-model  ## run the service on the tiny offline model
 	$(MAKE) serve CHATBOT_MODEL=$(abspath $(TINY_MODEL))
+
+bento: install  ## build the Bento (code + model + requirements) for CHATBOT_MODEL; prints its tag
+	@tag=$$($(PY) import_model.py) && \
+	$(BENTOML) build -f $(BENTOFILE) --arg model_tag=$$tag -o tag | sed 's/^__tag__://'
 
 screenshot: install browser  ## redo docs/chat-page.png (runs `make run` on the offline model)
 	$(PY) scripts/screenshot.py docs/chat-page.png

@@ -8,19 +8,28 @@ lives in the ``chatbot`` package; this file only wires it to HTTP.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
+from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from chatbot.engine import ChatEngine
 from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings
 
-logger = logging.getLogger("bentoml.chatbot")
 settings = Settings.from_env()
+
+
+class BentoArgs(BaseModel):
+    """Fixed into a Bento by ``bentoml build --arg model_tag=...`` (``make bento``),
+    so the built Bento serves the model it carries whatever the environment says."""
+
+    model_tag: str = settings.model_tag
+
+
+args = bentoml.use_arguments(BentoArgs)
 
 
 @bentoml.service(
@@ -30,7 +39,7 @@ settings = Settings.from_env()
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Chatbot:
-    model = bentoml.models.BentoModel(settings.model_tag)
+    model = bentoml.models.BentoModel(args.model_tag)
 
     @bentoml.on_startup
     def start_loading(self) -> None:

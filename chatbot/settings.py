@@ -49,7 +49,7 @@ class Settings:
             model=model,
             model_tag=os.environ.get("CHATBOT_MODEL_TAG", "").strip()
             or f"{store_name_for(model)}:latest",
-            max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 16),
+            max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 8),
             max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
             timeout_s=_int("CHATBOT_TIMEOUT_S", 600),
         )

@@ -1,0 +1,120 @@
+"""Deployment artefacts: the Bento serves the model it carries; the Kubernetes
+manifests and the BentoCloud config are valid against their real schemas."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import cattrs
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+
+from conftest import ROOT, free_port, import_model, offline_env, wait_until_ready
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.34"
+
+
+def manifests() -> dict[str, dict]:
+    return {
+        path.name: yaml.safe_load(path.read_text())
+        for path in sorted(KUBERNETES.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+    }
+
+
+def by_kind(kind: str) -> dict[str, dict]:
+    return {name: doc for name, doc in manifests().items() if doc["kind"] == kind}
+
+
+@pytest.mark.parametrize("name", sorted(manifests()))
+def test_manifest_is_valid_kubernetes(name):
+    kubernetes_validate.validate(manifests()[name], KUBERNETES_VERSION, strict=True)
+
+
+def test_validation_catches_mistakes():
+    broken = copy.deepcopy(manifests()["service-deployment.yaml"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(manifests())
+
+
+def test_service_deployment_probes_metrics_and_resources():
+    pod = by_kind("Deployment")["service-deployment.yaml"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert container["resources"]["requests"]["memory"]
+
+
+def test_ui_points_at_the_service_and_the_hpa_at_the_deployment():
+    ui = by_kind("Deployment")["ui-deployment.yaml"]["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in ui["containers"][0]["env"]}
+    service = by_kind("Service")["service-service.yaml"]
+    assert env["CHATBOT_URL"] == (
+        f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    )
+    (hpa,) = by_kind("HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "chatbot-service"
+
+
+def bentocloud_config() -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "bentocloud.yaml").read_text())
+
+
+def as_deployment(config: dict) -> CreateDeploymentSchema:
+    """BentoML's own deployment schema, refusing keys it does not know."""
+    return cattrs.Converter(forbid_extra_keys=True).structure(
+        config, CreateDeploymentSchema
+    )
+
+
+def test_bentocloud_config_matches_bentomls_schema():
+    scaling = as_deployment(bentocloud_config()).services["Chatbot"].scaling
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    misspelt = bentocloud_config()
+    misspelt["services"]["Chatbot"]["scalling"] = {"min_replicas": 1}
+    with pytest.raises(cattrs.ClassValidationError):
+        as_deployment(misspelt)
+
+
+def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
+    """``make bento``'s steps, then ``bentoml serve <bento>`` with no model settings."""
+    env = offline_env(tmp_path / "home", tiny_checkpoint)
+    imported = import_model(env)
+    assert imported.returncode == 0, imported.stderr
+    bentoml = [sys.executable, "-m", "bentoml"]
+    build = subprocess.run(
+        [*bentoml, "build", "--arg", f"model_tag={imported.stdout.strip()}", "-o", "tag"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    bento = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+
+    del env["CHATBOT_MODEL"]
+    port = free_port()
+    server = subprocess.Popen(
+        [*bentoml, "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", server)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/chat", json={"user_input": "hi"}, timeout=60
+        )
+        assert reply.status_code == 200 and isinstance(reply.json(), str)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
