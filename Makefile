@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser test run serve ui tiny-model serve-tiny screenshot bento
+.PHONY: help install browser container-tools test run serve ui tiny-model serve-tiny screenshot bento image
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,7 +26,13 @@ browser:  ## install Debian's chromium for the browser tests (needs root)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "warning: could not install chromium; the browser test will be skipped"; }
 
-test: install browser  ## run the whole offline test suite
+container-tools:  ## install Debian's buildah and debootstrap for `make image` without Docker (root)
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing buildah and debootstrap (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; } \
+	  || echo "warning: could not install buildah/debootstrap; the image test will be skipped"; }
+
+test: install browser container-tools  ## run the whole offline test suite
 	$(PY) -m pytest
 
 run: install  ## the service and the chat page together (Ctrl-C stops both)
@@ -52,6 +58,17 @@ serve-tiny: tiny-model  ## run the service on the tiny offline model
 bento: install  ## build the Bento (code + model + requirements) for CHATBOT_MODEL; prints its tag
 	@tag=$$($(PY) import_model.py) && \
 	$(BENTOML) build -f $(BENTOFILE) --arg model_tag=$$tag -o tag | sed 's/^__tag__://'
+
+image: install  ## `bentoml containerize` the Bento: with Docker if an engine runs, else buildah
+	@if docker info >/dev/null 2>&1; then \
+	  bento=$$($(MAKE) -s --no-print-directory bento) && $(BENTOML) containerize $$bento; \
+	else \
+	  $(MAKE) -s --no-print-directory container-tools && \
+	  base=$$(scripts/build_base_image.sh) && echo "no Docker engine: buildah on $$base" && \
+	  bento=$$($(MAKE) -s --no-print-directory bento BENTOFILE=deploy/bentofile.local-image.yaml) && \
+	  STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot \
+	    $(BENTOML) containerize $$bento --backend buildah -t localhost/$$bento; \
+	fi
 
 screenshot: install browser  ## redo docs/chat-page.png (runs `make run` on the offline model)
 	$(PY) scripts/screenshot.py docs/chat-page.png

@@ -4,6 +4,9 @@ manifests and the BentoCloud config are valid against their real schemas."""
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import cattrs
 import httpx
 import kubernetes_validate
+import psutil
 import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
@@ -90,31 +94,95 @@ def test_bentocloud_config_matches_bentomls_schema():
         as_deployment(misspelt)
 
 
-def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
-    """``make bento``'s steps, then ``bentoml serve <bento>`` with no model settings."""
-    env = offline_env(tmp_path / "home", tiny_checkpoint)
+def build_bento(
+    checkpoint: Path, home: Path, bentofile: str = "bentofile.yaml"
+) -> tuple[dict[str, str], str]:
+    """``make bento``'s steps: import the model, build with its tag as argument."""
+    env = offline_env(home, checkpoint)
     imported = import_model(env)
     assert imported.returncode == 0, imported.stderr
-    bentoml = [sys.executable, "-m", "bentoml"]
     build = subprocess.run(
-        [*bentoml, "build", "--arg", f"model_tag={imported.stdout.strip()}", "-o", "tag"],
+        [sys.executable, "-m", "bentoml", "build", "-f", bentofile,
+         "--arg", f"model_tag={imported.stdout.strip()}", "-o", "tag"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
-    bento = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    del env["CHATBOT_MODEL"]  # the Bento must not need it
+    return env, build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
 
-    del env["CHATBOT_MODEL"]
+
+def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
+    wait_until_ready(url, process)
+    reply = httpx.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
+    assert reply.status_code == 200 and isinstance(reply.json(), str)
+
+
+def stop_tree(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server and every process under it, even those in their own session."""
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    process.terminate()
+    for child in descendants:
+        if "serve" in child.cmdline():
+            child.terminate()
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    for child in alive:
+        child.kill()
+    process.wait(timeout=30)
+
+
+def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
+    env, bento = build_bento(tiny_checkpoint, tmp_path / "home")
     port = free_port()
     server = subprocess.Popen(
-        [*bentoml, "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "bentoml", "serve", bento,
+         "--host", "127.0.0.1", "--port", str(port)],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", server)
-        reply = httpx.post(
-            f"http://127.0.0.1:{port}/chat", json={"user_input": "hi"}, timeout=60
-        )
-        assert reply.status_code == 200 and isinstance(reply.json(), str)
+        assert_chat_replies(f"http://127.0.0.1:{port}", server)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_tree(server)
+
+
+CONTAINER_ENV = {"STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("buildah") and shutil.which("debootstrap")),
+    reason="building an image without Docker needs root, buildah and debootstrap",
+)
+def test_the_image_built_from_the_bento_answers_a_chat(tiny_checkpoint, tmp_path):
+    """``make image`` without Docker: buildah builds, ``buildah run`` starts it."""
+    base = subprocess.run(
+        [str(ROOT / "scripts" / "build_base_image.sh")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert base.returncode == 0, base.stderr
+    env, bento = build_bento(
+        tiny_checkpoint, tmp_path / "home", "deploy/bentofile.local-image.yaml"
+    )
+    env |= CONTAINER_ENV
+    image = f"localhost/{bento}"
+    buildah = functools.partial(
+        subprocess.run, env=env, capture_output=True, text=True, timeout=1200
+    )
+    built = buildah(
+        [sys.executable, "-m", "bentoml", "containerize", bento,
+         "--backend", "buildah", "-t", image],
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    container = buildah(["buildah", "from", image]).stdout.strip()
+    port = free_port()
+    server = subprocess.Popen(
+        ["buildah", "run", "--isolation", "chroot", "--network", "host",
+         "--user", "bentoml", container, "--",
+         "/home/bentoml/bento/env/docker/entrypoint.sh",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert_chat_replies(f"http://127.0.0.1:{port}", server)
+    finally:
+        stop_tree(server)
+        buildah(["buildah", "rm", container])
+        buildah(["buildah", "rmi", image])
