@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser container-tools test run serve ui tiny-model serve-tiny screenshot bento image
+.PHONY: help install browser container-tools test run serve ui tiny-model serve-tiny screenshot bento image bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ image: install  ## `bentoml containerize` the Bento: with Docker if an engine ru
 	  STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot \
 	    $(BENTOML) containerize $$bento --backend buildah -t localhost/$$bento; \
 	fi
+
+bench: install  ## service vs unbatched baseline on the real 400M architecture (ARGS=--quick)
+	$(PY) benchmarks/bench.py $(ARGS)
 
 screenshot: install browser  ## redo docs/chat-page.png (runs `make run` on the offline model)
 	$(PY) scripts/screenshot.py docs/chat-page.png

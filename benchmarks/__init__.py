@@ -1,0 +1,1 @@
+"""Benchmarks: the BentoML service against the original one-request-per-generate design."""

@@ -1,0 +1,421 @@
+"""Throughput and latency: the BentoML service against the unbatched baseline.
+
+Both servers run the same checkpoint: a randomly initialised Blenderbot with exactly
+the architecture of facebook/blenderbot-400M-distill (364.8 M parameters, real
+tokenizer, from ../shared/blenderbot-tokenizer/), so the compute is the real model's.
+Random weights make reply lengths arbitrary, so the checkpoint's generation config
+fixes them (min length = max length). Every number is measured in this run; the
+speedup lines are ratios of this run's service and baseline throughputs.
+
+    python benchmarks/bench.py [--quick] [--model real-400m|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import chitchat_dataset
+import httpx
+import psutil
+import torch
+from transformers import BlenderbotTokenizer, GenerationConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatbot.engine import ChatEngine  # noqa: E402
+from chatbot.schemas import ChatRequest  # noqa: E402
+from chatbot.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "blenderbot-tokenizer"
+CACHE = ROOT / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+GREEDY_32 = {"num_beams": 1, "max_new_tokens": 32}
+MODEL_DEFAULT: dict[str, int] = {}  # the checkpoint's own: 10 beams, 59 tokens
+ARCHITECTURE_KEYS = [
+    "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+    "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
+    "max_position_embeddings", "activation_function", "dropout", "attention_dropout",
+    "activation_dropout", "init_std", "tie_word_embeddings",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    concurrency: int
+    requests: int
+    options: dict = field(default_factory=dict)
+
+
+FULL = [
+    Workload("greedy32-c1", 1, 4, GREEDY_32),
+    Workload("greedy32-c8", 8, 16, GREEDY_32),
+    Workload("greedy32-c32", 32, 64, GREEDY_32),
+    Workload("greedy32-c64", 64, 128, GREEDY_32),
+    Workload("default-c1", 1, 2, MODEL_DEFAULT),
+    Workload("default-c16", 16, 16, MODEL_DEFAULT),
+]
+QUICK = [
+    Workload("greedy32-c1", 1, 2, GREEDY_32),
+    Workload("greedy32-c8", 8, 8, GREEDY_32),
+    Workload("greedy32-c32", 32, 32, GREEDY_32),
+]
+
+
+@dataclass
+class Result:
+    server: str
+    workload: str
+    completed: int
+    failed: int
+    seconds: float
+    latencies: list[float]
+    new_tokens: int
+
+    @property
+    def replies_per_s(self) -> float:
+        return self.completed / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile of the completed requests (nan when none completed)."""
+        if len(self.latencies) < 2:
+            return self.latencies[0] if self.latencies else float("nan")
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[int(q) - 1]
+
+
+# --- the model ---------------------------------------------------------------------
+
+
+def real_architecture_checkpoint() -> Path:
+    """Random weights, real 400M architecture and tokenizer; lengths fixed to 59."""
+    out = CACHE / "bench-blenderbot-400m"
+    if (out / "model.safetensors").exists():
+        return out
+    config = json.loads((SHARED / "blenderbot-400M-distill.config.json").read_text())
+    generation = json.loads(
+        (SHARED / "blenderbot-400M-distill.generation_config.json").read_text()
+    )
+    architecture = {k: config[k] for k in ARCHITECTURE_KEYS}
+    model = build_model(config["vocab_size"], architecture)
+    model.generation_config = GenerationConfig(
+        **{**generation, "min_length": generation["max_length"]}
+    )
+    tokenizer = BlenderbotTokenizer.from_pretrained(
+        SHARED / "blenderbot-400M-distill", model_max_length=128
+    )
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def tiny_checkpoint() -> Path:
+    out = CACHE / "tiny-blenderbot"
+    return out if (out / "model.safetensors").exists() else build_tiny_checkpoint(out)
+
+
+def conversations(count: int) -> list[list[dict[str, str]]]:
+    """Fixed, real chit-chat histories: the last three turns of the first chats."""
+    chats = []
+    for chat in chitchat_dataset.ConversationDataset():
+        turns = [t for t in chat if t.strip()][:5]
+        if len(turns) >= 3:
+            turns = turns[-3:]
+            roles = ["user", "assistant", "user"]
+            chats.append([{"role": r, "content": t} for r, t in zip(roles, turns)])
+        if len(chats) == count:
+            return chats
+    return chats
+
+
+# --- measurements in this process --------------------------------------------------
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matmul rate of this machine, the ceiling for decode efficiency."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bare_generate(engine: ChatEngine, chats, options: dict) -> dict[str, float]:
+    """``model.generate`` in a plain loop (one conversation at a time), and one
+    full batch, to price the service's overhead and the decode efficiency."""
+    requests = [ChatRequest(messages=c, **options) for c in chats]
+    loop = [_timed(lambda r=r: engine.generate([r])) for r in requests[:2]]
+    plan = engine.plan(requests[0])
+    batch = [engine.encode(r).input_ids for r in requests]
+    batch_seconds = _timed(lambda: engine.generate_ids(batch, plan))
+    decoder = engine.model.get_decoder()
+    per_token = sum(p.numel() for p in decoder.parameters()) + engine.model.lm_head.weight.numel()
+    flops = 2 * per_token * len(batch) * plan.max_new_tokens
+    return {
+        "loop_latency_s": statistics.median(loop),
+        "batch_size": len(batch),
+        "batch_seconds": batch_seconds,
+        "decode_gflops": flops / batch_seconds / 1e9,
+    }
+
+
+# --- servers -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PeakMemory:
+    """Samples the resident memory of a process tree in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.process, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                tree = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+
+    def stop(self) -> int:
+        self._stop.set()
+        return self.peak
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[PeakMemory]:
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    memory = PeakMemory(process.pid)
+    try:
+        deadline = time.monotonic() + 600
+        while not _ready(ready_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:4]} did not start")
+            time.sleep(0.5)
+        yield memory
+    finally:
+        memory.stop()
+        # A server still computing cancelled requests may not stop gracefully: the
+        # measurements are taken, so it gets 30 s and is then killed.
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        for proc in tree:
+            proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for proc in alive:
+            proc.kill()
+        process.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def service(checkpoint: Path, home: Path, max_batch: int) -> tuple[list[str], dict, str]:
+    env = {
+        **os.environ, "BENTOML_HOME": str(home), "CHATBOT_MODEL": str(checkpoint),
+        "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
+        "CHATBOT_MAX_BATCH_SIZE": str(max_batch), "CHATBOT_MAX_LATENCY_MS": "3600000",
+        "CHATBOT_TIMEOUT_S": "3600",
+    }  # fmt: skip
+    tag = subprocess.run(
+        [sys.executable, "import_model.py"], cwd=ROOT, env=env,
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    env["CHATBOT_MODEL_TAG"] = tag
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", "service:Chatbot",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    return command, env, f"http://127.0.0.1:{port}"
+
+
+def baseline(checkpoint: Path) -> tuple[list[str], dict, str]:
+    port = free_port()
+    env = {**os.environ, "CHATBOT_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "uvicorn", "benchmarks.baseline_server:app",
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    return command, env, f"http://127.0.0.1:{port}"
+
+
+# --- load --------------------------------------------------------------------------
+
+
+async def drive(url: str, server: str, workload: Workload, chats, limit_s: float) -> Result:
+    """Send ``workload.requests`` requests, ``concurrency`` at a time, for at most
+    ``limit_s`` seconds; requests still running then count as not completed."""
+    semaphore = asyncio.Semaphore(workload.concurrency)
+    latencies: list[float] = []
+    tokens, failed = 0, 0
+    limits = httpx.Limits(max_connections=workload.concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=limit_s + 60, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            nonlocal tokens, failed
+            async with semaphore:
+                payload = {"messages": chats[i % len(chats)], **workload.options}
+                start = time.perf_counter()
+                response = await client.post("/respond", json=payload)
+                if response.status_code != 200:
+                    failed += 1
+                    return
+                latencies.append(time.perf_counter() - start)
+                tokens += response.json()["completion_tokens"]
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(one(i)) for i in range(workload.requests)]
+        _, pending = await asyncio.wait(tasks, timeout=limit_s)
+        for task in pending:
+            task.cancel()
+        seconds = time.perf_counter() - start
+    return Result(server, workload.name, len(latencies), failed, seconds, latencies, tokens)
+
+
+def wait_until_idle(pid: int, limit_s: float = 600) -> None:
+    """Cancelled requests keep the server busy; the next workload must not see that."""
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        # cpu_percent(interval=1) measures over the next second, process by process.
+        if sum(p.cpu_percent(interval=1) for p in tree if p.is_running()) < 20:
+            return
+
+
+def measure(name, spec, workloads, chats, limit_s) -> tuple[list[Result], int]:
+    command, env, url = spec
+    with running(command, env, f"{url}/readyz") as memory:
+        results = []
+        for index, workload in enumerate(workloads):
+            if index:
+                wait_until_idle(memory.process.pid)
+            results.append(asyncio.run(drive(url, name, workload, chats, limit_s)))
+        return results, memory.peak
+
+
+# --- report ------------------------------------------------------------------------
+
+
+def speedup(service: Result, base: Result) -> str:
+    """Throughput ratio, or n/a when either side finished nothing within the limit
+    (every request then was still running: no throughput was measured)."""
+    if service.completed and base.completed:
+        return f"{service.replies_per_s / base.replies_per_s:.2f}"
+    return f"n/a ({service.server} {service.completed}, {base.server} {base.completed} replies in the time limit)"
+
+
+def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: dict) -> str:
+    lines = [
+        f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
+        f"{machine['threads']} threads",
+        f"model: {machine['model']}",
+        "",
+        "| server | workload | done | failed | replies/s | tokens/s | p50 s | p95 s | p99 s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.workload} | {r.completed} | {r.failed} | "
+            f"{r.replies_per_s:.3f} | {r.tokens_per_s:.1f} | {r.percentile(50):.2f} | "
+            f"{r.percentile(95):.2f} | {r.percentile(99):.2f} |"
+        )
+    lines += ["", *(f"peak RSS {name}: {peak / 2**30:.2f} GiB" for name, peak in peaks.items()), ""]
+    by_key = {(r.server, r.workload): r for r in results}
+    for r in results:
+        if r.server == "service" and ("baseline", r.workload) in by_key:
+            lines.append(f"speedup {r.workload}: {speedup(r, by_key[('baseline', r.workload)])}")
+    c1 = by_key.get(("service", "greedy32-c1"))
+    if c1:
+        lines.append(
+            f"overhead greedy32-c1: service p50 / bare generate = "
+            f"{c1.percentile(50) / bare['loop_latency_s']:.3f}"
+        )
+    lines.append(
+        f"decode efficiency: {bare['decode_gflops']:.1f} GFLOP/s in a batch of "
+        f"{bare['batch_size']} / matmul peak {machine['matmul_peak_gflops']:.1f} GFLOP/s = "
+        f"{bare['decode_gflops'] / machine['matmul_peak_gflops']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes, fewer workloads")
+    parser.add_argument("--model", choices=["real-400m", "tiny"], default="real-400m")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    args = parser.parse_args()
+    workloads = QUICK if args.quick else FULL
+    limit_s = 45.0 if args.quick else 600.0
+
+    checkpoint = real_architecture_checkpoint() if args.model == "real-400m" else tiny_checkpoint()
+    chats = conversations(max(w.requests for w in workloads))
+    engine = ChatEngine.load(checkpoint, args.model)
+    machine = {
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "model": f"{args.model} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f} M parameters)",
+        "matmul_peak_gflops": matmul_peak_gflops(),
+    }  # fmt: skip
+    bare = bare_generate(engine, chats[: 8 if args.quick else 32], GREEDY_32)
+    del engine
+
+    max_batch = max(w.concurrency for w in workloads)
+    results, peaks = [], {}
+    with tempfile.TemporaryDirectory() as home:
+        for name, spec in [
+            ("service", service(checkpoint, Path(home), max_batch)),
+            ("baseline", baseline(checkpoint)),
+        ]:
+            server_results, peaks[name] = measure(name, spec, workloads, chats, limit_s)
+            results += server_results
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}"
+    (args.out / f"{name}.json").write_text(
+        json.dumps(
+            {"machine": machine, "bare": bare, "peaks": peaks,
+             "results": [asdict(r) for r in results]}, indent=2,
+        )  # fmt: skip
+    )
+    text = report(results, peaks, machine, bare)
+    (args.out / f"{name}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
