@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from frontend.client import ChatClient, ServiceError  # noqa: E402
 from frontend.export import to_csv, to_json  # noqa: E402
-from frontend.store import ChatStore  # noqa: E402
+from frontend.store import ChatStore, StoredMessage  # noqa: E402
 
 TRUNCATION_NOTE = "The model only saw the most recent part of this conversation."
 
@@ -65,7 +65,9 @@ def generation_options(info: dict[str, Any] | None) -> dict[str, Any]:
     return {"max_new_tokens": max_new_tokens, "num_beams": beams, "do_sample": False}
 
 
-def sidebar(db: ChatStore, api: ChatClient, conversation: int) -> dict[str, Any]:
+def sidebar(
+    db: ChatStore, api: ChatClient, conversation: int, messages: list[StoredMessage]
+) -> dict[str, Any]:
     st.sidebar.title("Blenderbot chat")
     try:
         info: dict[str, Any] | None = api.info()
@@ -83,7 +85,6 @@ def sidebar(db: ChatStore, api: ChatClient, conversation: int) -> dict[str, Any]
     ):
         open_conversation(db.new_conversation())
         st.rerun()
-    messages = db.messages(conversation)
     st.sidebar.download_button(
         "Download conversation (CSV)", to_csv(messages),
         file_name=f"conversation-{conversation}.csv", mime="text/csv",
@@ -114,12 +115,17 @@ def past_conversations(db: ChatStore, current: int) -> None:
             st.rerun()
 
 
-def show_thread(db: ChatStore, conversation: int) -> None:
-    for message in db.messages(conversation):
+def show_text(content: str, truncated: bool) -> None:
+    """One bubble's text, with the truncation note under a reply that needed it."""
+    st.markdown(content or "_(no words)_")
+    if truncated:
+        st.caption(TRUNCATION_NOTE)
+
+
+def show_thread(messages: list[StoredMessage]) -> None:
+    for message in messages:
         with st.chat_message(message.role):
-            st.markdown(message.content or "_(no words)_")
-            if message.truncated:
-                st.caption(TRUNCATION_NOTE)
+            show_text(message.content, message.truncated)
 
 
 def answer(
@@ -135,18 +141,16 @@ def answer(
             st.error(f"{error} Your message is saved: press Retry to send it again.")
             return
         db.add(conversation, "assistant", reply["reply"], reply["truncated"])
-        st.markdown(reply["reply"] or "_(no words)_")
-        if reply["truncated"]:
-            st.caption(TRUNCATION_NOTE)
+        show_text(reply["reply"], reply["truncated"])
 
 
 def main() -> None:
     st.set_page_config(page_title="Blenderbot chat", page_icon="💬")
     db, api = ChatStore(), ChatClient.from_env()
     conversation = current_conversation(db)
-    options = sidebar(db, api, conversation)
-    show_thread(db, conversation)
     messages = db.messages(conversation)
+    options = sidebar(db, api, conversation, messages)
+    show_thread(messages)
     unanswered = bool(messages) and messages[-1].role == "user"
     if unanswered and st.button("Retry", key="retry", icon=":material/refresh:"):
         answer(db, api, conversation, options)
