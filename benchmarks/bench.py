@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from chatbot.engine import ChatEngine  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
+from devtools.processes import free_port, stop_tree, wait_until_healthy  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "blenderbot-tokenizer"
 CACHE = ROOT / ".cache"
@@ -187,12 +187,6 @@ def bare_generate(engine: ChatEngine, chats, options: dict) -> dict[str, float]:
 # --- servers -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class PeakMemory:
     """Samples the resident memory of a process tree in the background."""
 
@@ -208,9 +202,8 @@ class PeakMemory:
             except psutil.Error:
                 pass
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self._stop.set()
-        return self.peak
 
 
 @contextmanager
@@ -220,30 +213,13 @@ def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator
     )
     memory = PeakMemory(process.pid)
     try:
-        deadline = time.monotonic() + 600
-        while not _ready(ready_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:4]} did not start")
-            time.sleep(0.5)
+        wait_until_healthy(ready_url, process, timeout_s=600)
         yield memory
     finally:
         memory.stop()
         # A server still computing cancelled requests may not stop gracefully: the
         # measurements are taken, so it gets 30 s and is then killed.
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-        for proc in tree:
-            proc.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=30)
-        for proc in alive:
-            proc.kill()
-        process.wait(timeout=30)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+        stop_tree(process)
 
 
 def service(checkpoint: Path, home: Path, max_batch: int) -> tuple[list[str], dict, str]:

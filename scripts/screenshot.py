@@ -10,40 +10,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devtools.processes import free_port, wait_until_healthy  # noqa: E402
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 CONVERSATION = ["Hi! I just got back from a long hike.", "What should I cook tonight?"]
 START_TIMEOUT_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"scripts/run.sh exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    sys.exit(f"{url} not up after {START_TIMEOUT_S}s")
 
 
 REPLY_SHOWN = """() => {
@@ -75,8 +55,8 @@ def main() -> None:
         [str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, start_new_session=True
     )
     try:
-        wait_for(f"http://127.0.0.1:{service_port}/readyz", run)
-        wait_for(f"http://127.0.0.1:{page_port}/_stcore/health", run)
+        wait_until_healthy(f"http://127.0.0.1:{service_port}/readyz", run, START_TIMEOUT_S)
+        wait_until_healthy(f"http://127.0.0.1:{page_port}/_stcore/health", run, START_TIMEOUT_S)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS

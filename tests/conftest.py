@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from chatbot.engine import ChatEngine
 from chatbot.tiny_model import build_tiny_checkpoint
+from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_TOKENIZER = ROOT.parent / "shared" / "blenderbot-tokenizer" / "blenderbot-400M-distill"
-SERVER_START_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +33,6 @@ def real_tokenizer_dir() -> Path:
     if not (REAL_TOKENIZER / "vocab.json").exists():
         pytest.skip(f"real Blenderbot tokenizer not found at {REAL_TOKENIZER}")
     return REAL_TOKENIZER
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def offline_env(bentoml_home: Path, model: Path | str) -> dict[str, str]:
@@ -66,22 +57,6 @@ def import_model(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_until_ready(
-    url: str, process: subprocess.Popen[bytes], health_path: str = "/readyz"
-) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}{health_path}", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {SERVER_START_TIMEOUT_S}s")
-
-
 @pytest.fixture(scope="session")
 def server(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
@@ -101,12 +76,8 @@ def server(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, process)
+        wait_until_healthy(f"{url}/readyz", process)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_tree(process)
         log.close()

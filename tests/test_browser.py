@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, wait_until_ready
+from conftest import ROOT
+from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -45,11 +46,10 @@ def chat_page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, process, health_path="/_stcore/health")
+        wait_until_healthy(f"{url}/_stcore/health", process)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_tree(process)
 
 
 @pytest.fixture(scope="module")

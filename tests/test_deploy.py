@@ -14,12 +14,12 @@ from pathlib import Path
 import cattrs
 import httpx
 import kubernetes_validate
-import psutil
 import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
 
-from conftest import ROOT, free_port, import_model, offline_env, wait_until_ready
+from conftest import ROOT, import_model, offline_env
+from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.34"
@@ -112,22 +112,9 @@ def build_bento(
 
 
 def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
-    wait_until_ready(url, process)
+    wait_until_healthy(f"{url}/readyz", process)
     reply = httpx.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
     assert reply.status_code == 200 and isinstance(reply.json(), str)
-
-
-def stop_tree(process: subprocess.Popen[bytes]) -> None:
-    """Stop a server and every process under it, even those in their own session."""
-    descendants = psutil.Process(process.pid).children(recursive=True)
-    process.terminate()
-    for child in descendants:
-        if "serve" in child.cmdline():
-            child.terminate()
-    _, alive = psutil.wait_procs(descendants, timeout=30)
-    for child in alive:
-        child.kill()
-    process.wait(timeout=30)
 
 
 def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):

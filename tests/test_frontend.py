@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import free_port
+from devtools.processes import free_port
 from frontend.export import to_csv, to_json
 from frontend.store import ChatStore
 
