@@ -46,7 +46,9 @@ class Chatbot:
         """Load the model in the background so /livez answers while it loads."""
         source = self.model.info.metadata.get("source", str(self.model.tag))
         self.loading = asyncio.create_task(
-            asyncio.to_thread(ChatEngine.load, self.model.path, source)
+            asyncio.to_thread(
+                ChatEngine.load, self.model.path, source, settings.pack_weights
+            )
         )
 
     def __is_ready__(self) -> bool:

@@ -2,8 +2,9 @@
 
 Each request runs its own ``generate`` inside the handler (FastAPI runs sync handlers
 in its thread pool, so concurrent requests contend for the CPU instead of sharing a
-forward pass). It takes the same ``/respond`` payload as the service, so one load
-generator drives both.
+forward pass). It runs PyTorch's stock CPU kernels, as the original design did (the
+service's pre-packed oneDNN weights are part of what is measured against it). It takes
+the same ``/respond`` payload as the service, so one load generator drives both.
 
     CHATBOT_MODEL=/path/to/checkpoint uvicorn benchmarks.baseline_server:app
 """
@@ -24,7 +25,7 @@ engine: ChatEngine | None = None
 @asynccontextmanager
 async def lifespan(_: FastAPI):
     global engine
-    engine = ChatEngine.load(os.environ["CHATBOT_MODEL"], "baseline")
+    engine = ChatEngine.load(os.environ["CHATBOT_MODEL"], "baseline", pack_weights=False)
     yield
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import statistics
@@ -38,7 +39,7 @@ from transformers import BlenderbotTokenizer, GenerationConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.engine import ChatEngine  # noqa: E402
+from chatbot.engine import ChatEngine, DecodingPlan  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from devtools.processes import free_port, stop_tree, wait_until_healthy  # noqa: E402
@@ -73,7 +74,7 @@ FULL = [
     Workload("default-c16", 16, 16, MODEL_DEFAULT),
 ]
 QUICK = [
-    Workload("greedy32-c1", 1, 2, GREEDY_32),
+    Workload("greedy32-c1", 1, 3, GREEDY_32),
     Workload("greedy32-c8", 8, 8, GREEDY_32),
     Workload("greedy32-c32", 32, 32, GREEDY_32),
 ]
@@ -88,6 +89,7 @@ class Result:
     seconds: float
     latencies: list[float]
     new_tokens: int
+    unfinished: int = 0  # still running at the time limit
 
     @property
     def replies_per_s(self) -> float:
@@ -98,10 +100,12 @@ class Result:
         return self.new_tokens / self.seconds
 
     def percentile(self, q: float) -> float:
-        """Latency percentile of the completed requests (nan when none completed)."""
-        if len(self.latencies) < 2:
-            return self.latencies[0] if self.latencies else float("nan")
-        return statistics.quantiles(self.latencies, n=100, method="inclusive")[int(q) - 1]
+        """Nearest-rank latency percentile over every request sent; a request still
+        running at the time limit counts as infinitely slow, not as absent."""
+        ranked = sorted(self.latencies) + [math.inf] * self.unfinished
+        if not ranked:
+            return math.nan
+        return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
 
 
 # --- the model ---------------------------------------------------------------------
@@ -165,23 +169,37 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bare_generate(engine: ChatEngine, chats, options: dict) -> dict[str, float]:
-    """``model.generate`` in a plain loop (one conversation at a time), and one
-    full batch, to price the service's overhead and the decode efficiency."""
+def decode_weights(engine: ChatEngine) -> int:
+    """Weights one decode step multiplies per row: the decoder's and the LM head's."""
+    config = engine.model.config
+    decoder = sum(p.numel() for p in engine.model.get_decoder().parameters())
+    return decoder + config.d_model * config.vocab_size
+
+
+def bare_generate(engine: ChatEngine, chats, options: dict) -> float:
+    """Median latency of ``model.generate`` in a plain loop, one conversation at a
+    time, over the conversations the concurrency-1 workload sends."""
     requests = [ChatRequest(messages=c, **options) for c in chats]
-    loop = [_timed(lambda r=r: engine.generate([r])) for r in requests[:2]]
-    plan = engine.plan(requests[0])
-    batch = [engine.encode(r).input_ids for r in requests]
-    batch_seconds = _timed(lambda: engine.generate_ids(batch, plan))
-    decoder = engine.model.get_decoder()
-    per_token = sum(p.numel() for p in decoder.parameters()) + engine.model.lm_head.weight.numel()
-    flops = 2 * per_token * len(batch) * plan.max_new_tokens
-    return {
-        "loop_latency_s": statistics.median(loop),
-        "batch_size": len(batch),
-        "batch_seconds": batch_seconds,
-        "decode_gflops": flops / batch_seconds / 1e9,
-    }
+    engine.generate(requests[:1])  # first-call allocations are not the model's cost
+    return statistics.median(_timed(lambda r=r: engine.generate([r])) for r in requests)
+
+
+def decode_rate(
+    engine: ChatEngine, chats, batch_size: int, new_tokens: int, weights_per_row: int
+) -> dict:
+    """GFLOP/s of full-batch decoding: a ``new_tokens`` run minus a one-token run of
+    the same batch leaves the decode steps alone (prefill excluded). FLOPs count the
+    decoder's and the LM head's weights (2 per weight per row); attention over the
+    cache is left out, so the rate is a lower bound."""
+    batch = [engine.encode(ChatRequest(messages=c)).input_ids for c in chats[:batch_size]]
+
+    def run(tokens: int) -> float:
+        plan = DecodingPlan(tokens, tokens, 1, False, 1.0, 1.0)
+        return _timed(lambda: engine.generate_ids(batch, plan))
+
+    seconds = run(new_tokens) - run(1)
+    flops = 2 * weights_per_row * len(batch) * (new_tokens - 1)
+    return {"batch_size": len(batch), "decode_seconds": seconds, "decode_gflops": flops / seconds / 1e9}
 
 
 # --- servers -----------------------------------------------------------------------
@@ -279,7 +297,9 @@ async def drive(url: str, server: str, workload: Workload, chats, limit_s: float
         for task in pending:
             task.cancel()
         seconds = time.perf_counter() - start
-    return Result(server, workload.name, len(latencies), failed, seconds, latencies, tokens)
+    return Result(
+        server, workload.name, len(latencies), failed, seconds, latencies, tokens, len(pending)
+    )
 
 
 def wait_until_idle(pid: int, limit_s: float = 600) -> None:
@@ -314,6 +334,11 @@ def speedup(service: Result, base: Result) -> str:
     return f"n/a ({service.server} {service.completed}, {base.server} {base.completed} replies in the time limit)"
 
 
+def _latency(result: Result, q: float) -> str:
+    value = result.percentile(q)
+    return f"> {result.seconds:.0f}" if value == math.inf else f"{value:.2f}"
+
+
 def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: dict) -> str:
     lines = [
         f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
@@ -326,10 +351,15 @@ def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: di
     for r in results:
         lines.append(
             f"| {r.server} | {r.workload} | {r.completed} | {r.failed} | "
-            f"{r.replies_per_s:.3f} | {r.tokens_per_s:.1f} | {r.percentile(50):.2f} | "
-            f"{r.percentile(95):.2f} | {r.percentile(99):.2f} |"
+            f"{r.replies_per_s:.3f} | {r.tokens_per_s:.1f} | {_latency(r, 50)} | "
+            f"{_latency(r, 95)} | {_latency(r, 99)} |"
         )
     lines += ["", *(f"peak RSS {name}: {peak / 2**30:.2f} GiB" for name, peak in peaks.items()), ""]
+    lines.append(
+        f"kernels greedy32-c1: bare generate stock / packed = "
+        f"{bare['loop_latency_stock_s'] / bare['loop_latency_s']:.2f} "
+        f"({bare['loop_latency_stock_s']:.2f} s / {bare['loop_latency_s']:.2f} s)"
+    )
     by_key = {(r.server, r.workload): r for r in results}
     for r in results:
         if r.server == "service" and ("baseline", r.workload) in by_key:
@@ -355,21 +385,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args()
     workloads = QUICK if args.quick else FULL
-    limit_s = 45.0 if args.quick else 600.0
+    # Quick: long enough for the unbatched baseline to finish 32 greedy replies.
+    limit_s = 150.0 if args.quick else 600.0
 
     checkpoint = real_architecture_checkpoint() if args.model == "real-400m" else tiny_checkpoint()
     chats = conversations(max(w.requests for w in workloads))
-    engine = ChatEngine.load(checkpoint, args.model)
+    max_batch = max(w.concurrency for w in workloads)
+    stock = ChatEngine.load(checkpoint, args.model, pack_weights=False)
     machine = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "model": f"{args.model} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f} M parameters)",
+        "model": f"{args.model} ({sum(p.numel() for p in stock.model.parameters()) / 1e6:.1f} M parameters)",
         "matmul_peak_gflops": matmul_peak_gflops(),
     }  # fmt: skip
-    bare = bare_generate(engine, chats[: 8 if args.quick else 32], GREEDY_32)
+    weights = decode_weights(stock)
+    c1_chats = chats[: workloads[0].requests]  # what the concurrency-1 workload sends
+    bare = {"loop_latency_stock_s": bare_generate(stock, c1_chats, GREEDY_32)}
+    del stock
+    engine = ChatEngine.load(checkpoint, args.model)
+    bare["loop_latency_s"] = bare_generate(engine, c1_chats, GREEDY_32)
+    bare |= decode_rate(engine, chats, max_batch, GREEDY_32["max_new_tokens"], weights)
     del engine
 
-    max_batch = max(w.concurrency for w in workloads)
     results, peaks = [], {}
     with tempfile.TemporaryDirectory() as home:
         for name, spec in [

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from chatbot.conversation import EncodedConversation, encode_conversation
+from chatbot.packed_linear import pack_linear_layers, skip_padding
 from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo
 
 
@@ -73,13 +74,22 @@ class ChatEngine:
         self.defaults = self._model_defaults(model.generation_config)
 
     @classmethod
-    def load(cls, path: str | Path, model_name: str) -> ChatEngine:
-        """Load a standard Hugging Face Blenderbot checkpoint directory."""
+    def load(
+        cls, path: str | Path, model_name: str, pack_weights: bool = True
+    ) -> ChatEngine:
+        """Load a standard Hugging Face Blenderbot checkpoint directory.
+
+        ``pack_weights`` puts a CPU model's linear layers on oneDNN's pre-packed
+        path (see ``chatbot.packed_linear``); it does nothing on a GPU.
+        """
         tokenizer = AutoTokenizer.from_pretrained(
             path, truncation_side="left", padding_side="right"
         )
         model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
-        return cls(model.to(pick_device()), tokenizer, model_name)
+        model = model.to(pick_device()).eval()
+        if pack_weights:
+            pack_linear_layers(model)
+        return cls(model, tokenizer, model_name)
 
     def _model_defaults(self, config: GenerationConfig) -> DecodingPlan:
         """The model's own generation_config, in new-token terms.
@@ -179,7 +189,8 @@ class ChatEngine:
             padding=True,
             return_tensors="pt",
         ).to(self.model.device)
-        with torch.inference_mode():
+        copies = plan.num_beams  # generate expands each conversation into its beams
+        with torch.inference_mode(), skip_padding(inputs["attention_mask"], copies):
             sequences = self.model.generate(**inputs, **self._generation_kwargs(plan))
         return [self._strip(row) for row in sequences[:, 1:].tolist()]
 

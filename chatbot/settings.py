@@ -32,6 +32,17 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{name} must be true or false, not {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see the README's configuration table."""
@@ -41,6 +52,7 @@ class Settings:
     max_batch_size: int
     max_latency_ms: int
     timeout_s: int
+    pack_weights: bool
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -52,4 +64,5 @@ class Settings:
             max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 8),
             max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
             timeout_s=_int("CHATBOT_TIMEOUT_S", 600),
+            pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
         )
