@@ -11,11 +11,16 @@ import asyncio
 from typing import Annotated, Any
 
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 from bentoml.validators import ContentType
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
+from chatbot.admission import Admission, Limits, busy_response
 from chatbot.engine import ChatEngine
+from chatbot.openapi_spec import CompletedSpec
+from chatbot.readable_errors import ReadableValidationErrors
+from chatbot.request_log import RequestLog, note_tokens
 from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings
 
@@ -33,7 +38,8 @@ args = bentoml.use_arguments(BentoArgs)
 
 
 @bentoml.service(
-    traffic={"timeout": settings.timeout_s},
+    # Admission answers 504 at CHATBOT_TIMEOUT_S; BentoML's own cut-off is a backstop.
+    traffic={"timeout": settings.timeout_s + 60},
     # bentoml 1.4.31-1.4.40 close the in-process client every 100 requests, failing
     # the calls in flight (bentoml#5540); never recycling it avoids the drops.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
@@ -70,12 +76,18 @@ class Chatbot:
     @bentoml.api(input_spec=ChatRequest)
     async def respond(self, **request: Any) -> ChatReply:
         """Reply to ``messages`` with optional generation options."""
-        return await self._reply(ChatRequest(**request))
+        try:
+            return await self._reply(ChatRequest(**request))
+        except ServiceUnavailable:
+            return busy_response()
 
     @bentoml.api(input_spec=LegacyChatRequest)
     async def chat(self, **request: Any) -> Annotated[str, ContentType("application/json")]:
         """The original design's endpoint: the reply as a JSON string."""
-        reply = await self._reply(LegacyChatRequest(**request).to_chat_request())
+        try:
+            reply = await self._reply(LegacyChatRequest(**request).to_chat_request())
+        except ServiceUnavailable:
+            return busy_response()
         return JSONResponse(reply.reply)  # a bare str would go out as text/plain
 
     @bentoml.api
@@ -85,7 +97,27 @@ class Chatbot:
         return engine.info()
 
     async def _reply(self, request: ChatRequest) -> ChatReply:
+        """Batch ``request`` with the others; ServiceUnavailable when the batcher
+        predicts it would wait past CHATBOT_MAX_LATENCY_MS."""
         engine = await asyncio.shield(self.loading)
         engine.check(request)
         (reply,) = await self.generate([request])
+        note_tokens(reply.prompt_tokens, reply.completion_tokens)
         return reply
+
+
+# Outermost first: every outside request gets an id and a log line, then admission,
+# then validation errors in the shape the OpenAPI spec declares, and the spec itself
+# completed with what BentoML leaves out of it.
+Chatbot.add_asgi_middleware(RequestLog, log_content=settings.log_content)
+Chatbot.add_asgi_middleware(
+    Admission,
+    limits=Limits(
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        max_concurrency=settings.max_concurrency,
+        timeout_s=settings.timeout_s,
+    ),
+)
+Chatbot.add_asgi_middleware(ReadableValidationErrors)
+Chatbot.add_asgi_middleware(CompletedSpec)

@@ -43,6 +43,17 @@ class Message(_Strict):
         return self
 
 
+# (0, 1], written the OpenAPI 3.0 way: BentoML publishes an OpenAPI 3.0 spec, where
+# exclusiveMinimum is a flag next to minimum; pydantic writes the JSON Schema 2020 form
+# (a number), which OpenAPI tools reject.
+_TopP = Annotated[
+    float, Field(gt=0.0, le=1.0, json_schema_extra={"minimum": 0.0, "exclusiveMinimum": True})
+]
+# Below 0.01, logits divided by the temperature overflow to inf and sampling fails
+# (found by fuzzing: temperature 5e-324 was a 500).
+_Temperature = Annotated[float, Field(ge=0.01, le=2.0)]
+
+
 class GenerationOptions(_Strict):
     """Per-request overrides of the model's own ``generation_config``.
 
@@ -53,8 +64,8 @@ class GenerationOptions(_Strict):
     max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
     num_beams: int | None = Field(default=None, ge=1, le=MAX_BEAMS)
     do_sample: bool | None = None
-    temperature: float | None = Field(default=None, gt=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: _Temperature | None = None
+    top_p: _TopP | None = None
 
     @model_validator(mode="after")
     def _sampling_options_need_sampling(self) -> GenerationOptions:

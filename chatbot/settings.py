@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "facebook/blenderbot-400M-distill"
 
@@ -32,6 +32,11 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
@@ -51,8 +56,12 @@ class Settings:
     model_tag: str
     max_batch_size: int
     max_latency_ms: int
-    timeout_s: int
+    timeout_s: float
     pack_weights: bool
+    max_concurrency: int
+    max_body_bytes: int
+    log_content: bool
+    api_key: str | None = field(default=None, repr=False)  # never printed
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,6 +72,10 @@ class Settings:
             or f"{store_name_for(model)}:latest",
             max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 8),
             max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
-            timeout_s=_int("CHATBOT_TIMEOUT_S", 600),
+            timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
             pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
+            max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64),
+            max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576),
+            log_content=_bool("CHATBOT_LOG_CONTENT", False),
+            api_key=os.environ.get("CHATBOT_API_KEY", "").strip() or None,
         )

@@ -134,12 +134,19 @@ def answer(
     """Ask the service to answer the thread, whose last message is the user's."""
     messages = [{"role": m.role, "content": m.content} for m in db.messages(conversation)]
     with st.chat_message("assistant"):
+        status = st.empty()
+
+        def tell_busy(wait_s: float) -> None:
+            status.info(f"The chat service is busy; asking again in {wait_s:.0f} s…")
+
         try:
             with st.spinner("Thinking…"):
-                reply = api.respond(messages, **options)
+                reply = api.respond(messages, on_busy=tell_busy, **options)
         except ServiceError as error:
+            status.empty()
             st.error(f"{error} Your message is saved: press Retry to send it again.")
             return
+        status.empty()
         db.add(conversation, "assistant", reply["reply"], reply["truncated"])
         show_text(reply["reply"], reply["truncated"])
 

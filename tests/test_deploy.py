@@ -65,13 +65,23 @@ def test_service_deployment_probes_metrics_and_resources():
 
 def test_ui_points_at_the_service_and_the_hpa_at_the_deployment():
     ui = by_kind("Deployment")["ui-deployment.yaml"]["spec"]["template"]["spec"]
-    env = {e["name"]: e["value"] for e in ui["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in ui["containers"][0]["env"]}
     service = by_kind("Service")["service-service.yaml"]
     assert env["CHATBOT_URL"] == (
         f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     )
     (hpa,) = by_kind("HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == "chatbot-service"
+
+
+def test_service_and_page_take_the_same_optional_api_key_secret():
+    refs = [
+        env["valueFrom"]["secretKeyRef"]
+        for deployment in by_kind("Deployment").values()
+        for env in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if env["name"] == "CHATBOT_API_KEY"
+    ]
+    assert len(refs) == 2 and refs[0] == refs[1] and refs[0]["optional"] is True
 
 
 def bentocloud_config() -> dict:

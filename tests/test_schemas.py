@@ -51,7 +51,8 @@ def test_legacy_payload_errors(payload, message):
     [
         ({"max_new_tokens": 0}, "greater than or equal to 1"),
         ({"num_beams": 17}, "less than or equal to 16"),
-        ({"temperature": 0}, "greater than 0"),
+        ({"temperature": 0}, "greater than or equal to 0.01"),
+        ({"temperature": 5e-324}, "greater than or equal to 0.01"),
         ({"top_p": 1.5}, "less than or equal to 1"),
         ({"do_sample": "yes"}, "valid boolean"),
         ({"do_sample": False, "temperature": 0.7}, "only apply when do_sample"),
