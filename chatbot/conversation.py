@@ -1,4 +1,4 @@
-"""Turn a chat history into Blenderbot encoder input ids.
+"""Turn a chat history into Blenderbot encoder input ids (the encoder-decoder family).
 
 transformers 5 removed the ``conversational`` pipeline, so the input format it used
 for Blenderbot is reproduced here: a space before each user turn, turns joined by
@@ -34,9 +34,11 @@ def _as_model_wrote_it(reply: str) -> str:
 
 
 def conversation_text(messages: Sequence[Message]) -> str:
+    """The turns as Blenderbot was trained on them; it knows no system turns."""
     turns = [
         " " + m.content if m.role == "user" else _as_model_wrote_it(m.content)
         for m in messages
+        if m.role != "system"
     ]
     return "  ".join(turns)
 

@@ -1,14 +1,16 @@
-"""Batched Blenderbot generation: many conversations, one padded ``generate`` call.
+"""Batched chat generation: many conversations, one padded ``generate`` call.
 
 The engine is what the BentoML batch API calls with everything the adaptive batcher
 collected. Requests whose decoding options differ cannot share a ``generate`` call,
-so the batch is split into groups of identical options first.
+so the batch is split into groups of identical options first. How a conversation
+becomes model input depends on the model's family (``chatbot.families``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +18,19 @@ import torch
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from transformers import (
-    AutoModelForSeq2SeqLM,
+    AutoConfig,
     AutoTokenizer,
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from chatbot.conversation import EncodedConversation, encode_conversation
+from chatbot.chat_template import TemplateRefused
+from chatbot.conversation import EncodedConversation
+from chatbot.families import DECODER_ONLY_DEFAULT_NEW_TOKENS, detect_family
 from chatbot.packed_linear import pack_linear_layers, skip_padding
 from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo
+from chatbot.streaming import ReplyStream
 
 
 @dataclass(frozen=True)
@@ -55,52 +60,71 @@ def pick_device() -> torch.device:
 
 
 class ChatEngine:
-    """A loaded Blenderbot model and tokenizer, ready to answer batches."""
+    """A loaded chat model and tokenizer, ready to answer batches."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         model_name: str,
+        note: str | None = None,
     ) -> None:
         self.model = model.eval()
+        self.family = detect_family(model.config, tokenizer)
+        tokenizer.padding_side = self.family.padding_side
+        if tokenizer.pad_token is None:  # most decoder-only tokenizers have none
+            tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.window = min(
-            tokenizer.model_max_length, model.config.max_position_embeddings
-        )
-        # The decoder's first position holds the start token.
-        self.max_new_tokens_limit = model.config.max_position_embeddings - 1
+        self.note = note
+        self.window, self.max_new_tokens_limit = self.family.limits(model.config, tokenizer)
+        self.eos_ids = self._eos_ids(model.generation_config, tokenizer)
         self.defaults = self._model_defaults(model.generation_config)
 
     @classmethod
     def load(
-        cls, path: str | Path, model_name: str, pack_weights: bool = True
+        cls,
+        path: str | Path,
+        model_name: str,
+        pack_weights: bool = True,
+        note: str | None = None,
     ) -> ChatEngine:
-        """Load a standard Hugging Face Blenderbot checkpoint directory.
+        """Load a standard Hugging Face checkpoint directory of either family.
 
         ``pack_weights`` puts a CPU model's linear layers on oneDNN's pre-packed
         path (see ``chatbot.packed_linear``); it does nothing on a GPU.
         """
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, truncation_side="left", padding_side="right"
-        )
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
+        family = detect_family(AutoConfig.from_pretrained(path), tokenizer)
+        model = family.model_class.from_pretrained(path, dtype=torch.float32)
         model = model.to(pick_device()).eval()
         if pack_weights:
             pack_linear_layers(model)
-        return cls(model, tokenizer, model_name)
+        return cls(model, tokenizer, model_name, note)
+
+    @staticmethod
+    def _eos_ids(config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+        """Every id that ends a reply: chat models often have several (end of turn, of text)."""
+        configured = config.eos_token_id
+        ids = configured if isinstance(configured, list) else [configured]
+        return frozenset(i for i in [*ids, tokenizer.eos_token_id] if i is not None)
 
     def _model_defaults(self, config: GenerationConfig) -> DecodingPlan:
         """The model's own generation_config, in new-token terms.
 
         An encoder-decoder's ``max_length``/``min_length`` count the decoder start
-        token, so 60/20 mean 59/19 new tokens.
+        token, so 60/20 mean 59/19 new tokens; a decoder-only model's count the prompt,
+        so only its new-token fields are meaningful.
         """
-        max_new = config.max_new_tokens or (config.max_length or 20) - 1
-        min_new = config.min_new_tokens or max(0, (config.min_length or 0) - 1)
+        if self.family.name == "encoder-decoder":
+            max_new = config.max_new_tokens or (config.max_length or 20) - 1
+            min_new = config.min_new_tokens or max(0, (config.min_length or 0) - 1)
+        else:
+            max_new = config.max_new_tokens or DECODER_ONLY_DEFAULT_NEW_TOKENS
+            min_new = config.min_new_tokens or 0
+        max_new = min(max_new, self.max_new_tokens_limit)
         return DecodingPlan(
-            max_new_tokens=min(max_new, self.max_new_tokens_limit),
+            max_new_tokens=max_new,
             min_new_tokens=min(min_new, max_new),
             num_beams=config.num_beams or 1,
             do_sample=bool(config.do_sample),
@@ -111,27 +135,29 @@ class ChatEngine:
     def info(self) -> ModelInfo:
         return ModelInfo(
             model=self.model_name,
+            family=self.family.name,
+            note=self.note,
             max_new_tokens_limit=self.max_new_tokens_limit,
             default_max_new_tokens=self.defaults.max_new_tokens,
             default_num_beams=self.defaults.num_beams,
             default_do_sample=self.defaults.do_sample,
         )
 
-    def check(self, options: GenerationOptions) -> None:
-        """Refuse options this model cannot honour, with a pydantic ValidationError."""
+    def check(self, request: ChatRequest) -> None:
+        """Refuse what this model cannot honour, with a pydantic ValidationError."""
         limit = self.max_new_tokens_limit
-        if options.max_new_tokens is not None and options.max_new_tokens > limit:
+        if request.max_new_tokens is not None and request.max_new_tokens > limit:
             raise _options_error(
                 "max_new_tokens",
-                options.max_new_tokens,
-                f"this model can write at most {limit} tokens (its decoder has "
-                f"{limit + 1} positions, one of them for the start token)",
+                request.max_new_tokens,
+                f"this model can write at most {limit} tokens per reply",
             )
+        self.encode(request)  # a chat template may refuse the conversation
 
     def plan(self, options: GenerationOptions) -> DecodingPlan:
         """Resolve request options against the model's defaults.
 
-        Never exceeds the decoder's positions: callers that skipped ``check`` (the raw
+        Never exceeds the model's limit: callers that skipped ``check`` (the raw
         batch API) get the longest reply the model can give.
         """
         d = self.defaults
@@ -155,7 +181,10 @@ class ChatEngine:
         )
 
     def encode(self, request: ChatRequest) -> EncodedConversation:
-        return encode_conversation(self.tokenizer, request.messages, self.window)
+        try:
+            return self.family.encode(self.tokenizer, request.messages, self.window)
+        except TemplateRefused as refused:
+            raise _options_error("messages", "(conversation)", str(refused)) from None
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
         """Answer every request; one ``generate`` call per distinct decoding plan."""
@@ -173,6 +202,7 @@ class ChatEngine:
                     prompt_tokens=len(encoded[i].input_ids),
                     completion_tokens=len(output),
                     truncated=encoded[i].truncated,
+                    finish_reason=self._finish_reason(output, plan),
                 )
         return [r for r in replies if r is not None]
 
@@ -181,32 +211,82 @@ class ChatEngine:
     ) -> list[list[int]]:
         """New token ids for each input (end-of-sequence included, padding not).
 
-        Inputs are padded on the right: Blenderbot's learned positions must start at
-        0 for every conversation, so a batched reply equals the one computed alone.
+        Blenderbot pads on the right: its learned positions must start at 0 for
+        every conversation, so a batched reply equals the one computed alone.
+        Decoder-only models pad on the left, so every next token is the last column.
         """
-        inputs = self.tokenizer.pad(
+        inputs = self._padded(batch)
+        prompt_length = inputs["input_ids"].shape[1]
+        with torch.inference_mode(), self._skipping_padding(inputs, plan):
+            sequences = self.model.generate(**inputs, **self._generation_kwargs(plan))
+        first_new = 1 if self.family.name == "encoder-decoder" else prompt_length
+        return [self._strip(row) for row in sequences[:, first_new:].tolist()]
+
+    def stream(self, request: ChatRequest) -> ReplyStream:
+        """One reply as it is written (call inside a coroutine). Beam search keeps every
+        candidate open to the end, so it cannot stream: that is a validation error."""
+        plan = self.plan(request)
+        if plan.num_beams > 1:
+            raise _options_error(
+                "num_beams", plan.num_beams,
+                "beam search cannot stream: ask for num_beams 1, or for the whole reply at once",
+            )  # fmt: skip
+        encoded = self.encode(request)
+        inputs = self._padded([encoded.input_ids])
+        kwargs = self._generation_kwargs(plan)
+
+        def generate(streamer: object, stop: object) -> None:
+            with torch.inference_mode():
+                self.model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=[stop])
+
+        return ReplyStream(
+            self.tokenizer, generate, encoded,
+            lambda ids: self._finish_reason(ids, plan),
+        )  # fmt: skip
+
+    def _padded(self, batch: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.pad(
             {"input_ids": [list(ids) for ids in batch]},
             padding=True,
             return_tensors="pt",
         ).to(self.model.device)
-        copies = plan.num_beams  # generate expands each conversation into its beams
-        with torch.inference_mode(), skip_padding(inputs["attention_mask"], copies):
-            sequences = self.model.generate(**inputs, **self._generation_kwargs(plan))
-        return [self._strip(row) for row in sequences[:, 1:].tolist()]
+
+    def _skipping_padding(
+        self, inputs: dict[str, torch.Tensor], plan: DecodingPlan
+    ) -> AbstractContextManager[None]:
+        """Packed layers skip the encoder's padding rows (``chatbot.packed_linear``).
+
+        Only for encoder-decoders: a decoder-only model's padded positions feed its
+        key/value cache, so they must hold finite values.
+        """
+        if self.family.name != "encoder-decoder":
+            return nullcontext()
+        # generate expands each conversation into its beams
+        return skip_padding(inputs["attention_mask"], plan.num_beams)
 
     def _generation_kwargs(self, plan: DecodingPlan) -> dict[str, object]:
         """``generate`` overrides that replace the model's defaults without conflict.
 
-        transformers fills anything left unset from the model's generation_config, so
-        lengths are given in the decoder-length terms Blenderbot's config uses (start
-        token included), the new-token fields are cleared, and the beam-only length
-        penalty is reset for greedy plans.
+        transformers fills anything left unset from the model's generation_config.
+        Blenderbot's config gives lengths in decoder-length terms (start token
+        included), so those are set and the new-token fields cleared; the beam-only
+        length penalty is reset for greedy plans.
         """
+        if self.family.name == "encoder-decoder":
+            lengths = {
+                "max_length": plan.max_new_tokens + 1,
+                "min_length": plan.min_new_tokens + 1,
+                "max_new_tokens": None,
+                "min_new_tokens": None,
+            }
+        else:
+            lengths = {
+                "max_new_tokens": plan.max_new_tokens,
+                "min_new_tokens": plan.min_new_tokens,
+                "pad_token_id": self.tokenizer.pad_token_id,
+            }
         return {
-            "max_length": plan.max_new_tokens + 1,
-            "min_length": plan.min_new_tokens + 1,
-            "max_new_tokens": None,
-            "min_new_tokens": None,
+            **lengths,
             "num_beams": plan.num_beams,
             "do_sample": plan.do_sample,
             "temperature": plan.temperature,
@@ -214,7 +294,18 @@ class ChatEngine:
             **({"length_penalty": 1.0} if plan.num_beams == 1 else {}),
         }
 
+    def _finish_reason(self, output: Sequence[int], plan: DecodingPlan) -> str:
+        """"stop" when the model ended the reply, "length" when the limit did.
+
+        Blenderbot forces an end token at the limit (``forced_eos_token_id``), so a
+        reply that is exactly as long as allowed ended because of the limit.
+        """
+        ended = bool(output) and output[-1] in self.eos_ids
+        forced = self.model.generation_config.forced_eos_token_id is not None
+        at_limit = len(output) >= plan.max_new_tokens
+        return "stop" if ended and not (forced and at_limit) else "length"
+
     def _strip(self, row: list[int]) -> list[int]:
         """Cut the padding that follows a finished sequence's end token."""
-        eos = self.tokenizer.eos_token_id
-        return row[: row.index(eos) + 1] if eos in row else row
+        end = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+        return row if end is None else row[: end + 1]

@@ -6,6 +6,8 @@
 - Its request schemas drop ``null`` from optional fields (``do_sample: bool | None``
   becomes ``boolean``) although ``null`` is their documented default and is accepted;
   such fields are marked ``nullable`` (the OpenAPI 3.0 way).
+- It copies the ``/v1`` FastAPI app's schemas as they are, in OpenAPI 3.1 terms,
+  into a spec that says 3.0; they are rewritten in 3.0 terms.
 
 Both were found by fuzzing the service from its own spec (``tests/test_fuzz.py``).
 """
@@ -42,20 +44,40 @@ def completed(spec: dict[str, Any]) -> dict[str, Any]:
             responses = post.setdefault("responses", {})
             for status, description in ADMISSION_RESPONSES.items():
                 responses.setdefault(status, {"description": description, "content": _ERROR_BODY})
-    _mark_nullable(spec)
+    _as_openapi_30(spec)
     return spec
 
 
-def _mark_nullable(node: Any) -> None:
-    """Every schema with a type and a ``null`` default accepts ``null``."""
+def _as_openapi_30(node: Any) -> None:
+    """Schemas in OpenAPI 3.0 terms, which is what the spec says it is.
+
+    BentoML's own schemas drop ``null`` from optional fields, so every schema with a
+    type and a ``null`` default is marked ``nullable``. The mounted FastAPI app's
+    schemas (``/v1``) are JSON Schema 2020 (OpenAPI 3.1): ``anyOf [X, null]``,
+    ``const`` and numeric ``exclusiveMinimum`` are rewritten in the 3.0 forms.
+    """
     if isinstance(node, dict):
+        options = node.get("anyOf", [])
+        if {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            del node["anyOf"]
+            if len(rest) == 1 and "$ref" not in rest[0]:
+                node.update(rest[0])
+            else:
+                node["anyOf" if len(rest) > 1 else "allOf"] = rest
+            node["nullable"] = True
         if "type" in node and "default" in node and node["default"] is None:
             node["nullable"] = True
+        if "const" in node:
+            node["enum"] = [node.pop("const")]
+        for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(node.get(bound), (int, float)) and not isinstance(node[bound], bool):
+                node[limit], node[bound] = node[bound], True
         for value in node.values():
-            _mark_nullable(value)
+            _as_openapi_30(value)
     elif isinstance(node, list):
         for value in node:
-            _mark_nullable(value)
+            _as_openapi_30(value)
 
 
 class CompletedSpec:

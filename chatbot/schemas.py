@@ -31,9 +31,13 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    """One chat turn. Assistant turns may be empty (a model can answer nothing)."""
+    """One chat turn. Assistant turns may be empty (a model can answer nothing).
 
-    role: Literal["user", "assistant"]
+    System turns instruct models with a chat template; Blenderbot was never trained
+    on them and ignores them.
+    """
+
+    role: Literal["system", "user", "assistant"]
     content: MessageText
 
     @model_validator(mode="after")
@@ -128,12 +132,20 @@ class ChatReply(BaseModel):
     truncated: bool = Field(
         description="True when older turns were cut to fit the model's input window."
     )
+    finish_reason: Literal["stop", "length"] = Field(
+        default="stop",
+        description="stop: the model ended its reply; length: max_new_tokens cut it.",
+    )
 
 
 class ModelInfo(BaseModel):
     """What a client needs to offer valid options: the model and its limits."""
 
     model: str
+    family: str = Field(description="How the model reads a conversation.")
+    note: str | None = Field(
+        default=None, description="What a person should know about this model."
+    )
     max_new_tokens_limit: int = Field(description="Most new tokens one reply can have.")
     max_beams: int = MAX_BEAMS
     default_max_new_tokens: int

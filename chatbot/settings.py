@@ -19,10 +19,12 @@ def store_name_for(source: str) -> str:
     """BentoML model-store name for a hub id or a local directory.
 
     Hub ids keep their organisation (``facebook/x`` -> ``facebook--x``) so two models
-    with the same basename never collide; local directories use their folder name.
+    with the same basename never collide; local directories use their folder name,
+    GGUF files their file name without the extension.
     """
-    if os.path.isdir(source):
+    if os.path.isdir(source) or os.path.isfile(source):
         source = os.path.basename(os.path.normpath(os.path.abspath(source)))
+        source = source.removesuffix(".gguf")
     name = re.sub(r"[^a-z0-9._-]+", "-", source.lower().replace("/", "--"))
     return name.strip("-._")[:_TAG_NAME_MAX].rstrip("-._") or "chatbot-model"
 

@@ -1,12 +1,16 @@
-"""Build a small, randomly initialised Blenderbot that works with no internet.
+"""Build small, randomly initialised chat models that work with no internet.
 
-Tests, benchmarks and the offline demo need a real checkpoint directory without
-downloading one. This builds it from parts the project owns: a byte-level BPE
+Tests, benchmarks and the offline demo need real checkpoint directories without
+downloading one. These are built from parts the project owns: a byte-level BPE
 tokenizer trained on the MIT-licensed ``chitchat-dataset`` conversations (7,168 real
-chats shipped on PyPI) and the Blenderbot architecture at small sizes, with the real
-model's special-token ids and generation defaults.
+chats shipped on PyPI) and a real architecture at small sizes:
 
-    python -m chatbot.tiny_model OUT_DIR [--vocab-size 2000]
+* ``encoder-decoder``: Blenderbot, with the real model's special-token ids and
+  generation defaults;
+* ``decoder-only``: Llama (SmolLM2's architecture) with a ChatML chat template, the
+  format of SmolLM2 and Qwen2.5-Instruct.
+
+    python -m chatbot.tiny_model OUT_DIR [--family decoder-only] [--vocab-size 2000]
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from transformers import (
     BlenderbotForConditionalGeneration,
     BlenderbotTokenizer,
     GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 # Special-token ids of facebook/blenderbot-400M-distill; <mask> comes after the vocab.
@@ -62,15 +69,41 @@ def chitchat_messages() -> Iterator[str]:
         yield from conversation
 
 
-def train_tokenizer(vocab_size: int) -> BlenderbotTokenizer:
-    """A Blenderbot tokenizer whose BPE vocabulary is learnt from chitchat messages."""
-    bpe = ByteLevelBPETokenizer(add_prefix_space=True)
+# ChatML, as SmolLM2-Instruct and Qwen2.5-Instruct write it.
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.5,  # wide enough that greedy decoding wanders over words
+}
+
+
+def _trained_bpe(vocab_size: int, special_tokens: list[str], prefix_space: bool) -> ByteLevelBPETokenizer:
+    bpe = ByteLevelBPETokenizer(add_prefix_space=prefix_space)
     bpe.train_from_iterator(
         chitchat_messages(),
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         show_progress=False,
     )
+    return bpe
+
+
+def train_tokenizer(vocab_size: int) -> BlenderbotTokenizer:
+    """A Blenderbot tokenizer whose BPE vocabulary is learnt from chitchat messages."""
+    bpe = _trained_bpe(vocab_size, SPECIAL_TOKENS, prefix_space=True)
     model = json.loads(bpe._tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return BlenderbotTokenizer(
@@ -107,12 +140,50 @@ def build_tiny_checkpoint(out_dir: str | Path, vocab_size: int = 2000) -> Path:
     return out
 
 
+def train_chatml_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A ChatML tokenizer (GPT-2 style, no prefix space) learnt from chitchat messages."""
+    bpe = _trained_bpe(vocab_size, CHATML_TOKENS, prefix_space=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=TINY_DECODER["max_position_embeddings"],
+    )
+
+
+def build_tiny_chat_checkpoint(out_dir: str | Path, vocab_size: int = 2000, seed: int = 0) -> Path:
+    """A decoder-only chat checkpoint directory (Llama + ChatML template)."""
+    out = Path(out_dir)
+    tokenizer = train_chatml_tokenizer(vocab_size)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           [("bos_token_id", "<|im_start|>"), ("eos_token_id", "<|im_end|>"),
+            ("pad_token_id", "<|endoftext|>")]}  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **ids, **TINY_DECODER)).eval()
+    # Random weights favour no token: keep the non-ending specials out of replies,
+    # so the tiny model writes (random) words rather than invisible tokens.
+    model.generation_config = GenerationConfig(
+        **ids, max_new_tokens=48, do_sample=False,
+        suppress_tokens=[ids["bos_token_id"], ids["pad_token_id"]],
+    )  # fmt: skip
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+BUILDERS = {"encoder-decoder": build_tiny_checkpoint, "decoder-only": build_tiny_chat_checkpoint}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="encoder-decoder")
     parser.add_argument("--vocab-size", type=int, default=2000)
     args = parser.parse_args()
-    print(build_tiny_checkpoint(args.out_dir, args.vocab_size))
+    print(BUILDERS[args.family](args.out_dir, args.vocab_size))
 
 
 if __name__ == "__main__":

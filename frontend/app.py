@@ -67,12 +67,15 @@ def generation_options(info: dict[str, Any] | None) -> dict[str, Any]:
 
 def sidebar(
     db: ChatStore, api: ChatClient, conversation: int, messages: list[StoredMessage]
-) -> dict[str, Any]:
+) -> tuple[str | None, dict[str, Any]]:
+    """The served model's id (None when the service is down) and the reply options."""
     st.sidebar.title("Blenderbot chat")
     try:
         info: dict[str, Any] | None = api.info()
         st.sidebar.caption(f"Model: **{info['model']}**")
-        if info["model"].endswith("tiny-blenderbot"):
+        if note := info.get("note"):
+            st.sidebar.info(note)
+        elif info["model"].endswith("tiny-blenderbot"):
             st.sidebar.info(OFFLINE_MODEL_NOTE)
     except ServiceError as error:
         info = None
@@ -96,7 +99,7 @@ def sidebar(
         disabled=not messages,
     )  # fmt: skip
     past_conversations(db, conversation)
-    return options
+    return (info["model"] if info else None), options
 
 
 def past_conversations(db: ChatStore, current: int) -> None:
@@ -129,9 +132,17 @@ def show_thread(messages: list[StoredMessage]) -> None:
 
 
 def answer(
-    db: ChatStore, api: ChatClient, conversation: int, options: dict[str, Any]
+    db: ChatStore,
+    api: ChatClient,
+    conversation: int,
+    model: str | None,
+    options: dict[str, Any],
 ) -> None:
-    """Ask the service to answer the thread, whose last message is the user's."""
+    """Ask the service to answer the thread, whose last message is the user's.
+
+    Greedy and sampled replies stream in as they are written; beam search only
+    knows its reply at the end, so a spinner waits for it.
+    """
     messages = [{"role": m.role, "content": m.content} for m in db.messages(conversation)]
     with st.chat_message("assistant"):
         status = st.empty()
@@ -140,15 +151,23 @@ def answer(
             status.info(f"The chat service is busy; asking again in {wait_s:.0f} s…")
 
         try:
-            with st.spinner("Thinking…"):
-                reply = api.respond(messages, on_busy=tell_busy, **options)
+            if model is not None and options.get("num_beams") == 1:
+                streamed = api.stream(model, messages, on_busy=tell_busy, **options)
+                status.empty()
+                text, truncated = st.write_stream(streamed), streamed.truncated
+                if truncated:
+                    st.caption(TRUNCATION_NOTE)
+            else:
+                with st.spinner("Thinking…"):
+                    reply = api.respond(messages, on_busy=tell_busy, **options)
+                text, truncated = reply["reply"], reply["truncated"]
+                status.empty()
+                show_text(text, truncated)
         except ServiceError as error:
             status.empty()
             st.error(f"{error} Your message is saved: press Retry to send it again.")
             return
-        status.empty()
-        db.add(conversation, "assistant", reply["reply"], reply["truncated"])
-        show_text(reply["reply"], reply["truncated"])
+        db.add(conversation, "assistant", text, truncated)
 
 
 def main() -> None:
@@ -156,17 +175,17 @@ def main() -> None:
     db, api = ChatStore(), ChatClient.from_env()
     conversation = current_conversation(db)
     messages = db.messages(conversation)
-    options = sidebar(db, api, conversation, messages)
+    model, options = sidebar(db, api, conversation, messages)
     show_thread(messages)
     unanswered = bool(messages) and messages[-1].role == "user"
     if unanswered and st.button("Retry", key="retry", icon=":material/refresh:"):
-        answer(db, api, conversation, options)
+        answer(db, api, conversation, model, options)
     if text := st.chat_input("Say something…"):
         if text.strip():
             db.add(conversation, "user", text)
             with st.chat_message("user"):
                 st.markdown(text)
-            answer(db, api, conversation, options)
+            answer(db, api, conversation, model, options)
 
 
 main()

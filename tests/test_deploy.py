@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import cattrs
@@ -18,7 +19,7 @@ import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
 
-from conftest import ROOT, import_model, offline_env
+from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage, build_bento
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -104,23 +105,6 @@ def test_bentocloud_config_matches_bentomls_schema():
         as_deployment(misspelt)
 
 
-def build_bento(
-    checkpoint: Path, home: Path, bentofile: str = "bentofile.yaml"
-) -> tuple[dict[str, str], str]:
-    """``make bento``'s steps: import the model, build with its tag as argument."""
-    env = offline_env(home, checkpoint)
-    imported = import_model(env)
-    assert imported.returncode == 0, imported.stderr
-    build = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", bentofile,
-         "--arg", f"model_tag={imported.stdout.strip()}", "-o", "tag"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr
-    del env["CHATBOT_MODEL"]  # the Bento must not need it
-    return env, build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-
-
 def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
     wait_until_healthy(f"{url}/readyz", process)
     reply = httpx.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
@@ -141,45 +125,26 @@ def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
         stop_tree(server)
 
 
-CONTAINER_ENV = {"STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
-
-
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not (shutil.which("buildah") and shutil.which("debootstrap")),
-    reason="building an image without Docker needs root, buildah and debootstrap",
-)
-def test_the_image_built_from_the_bento_answers_a_chat(tiny_checkpoint, tmp_path):
+@pytest.mark.last  # its build ran in the background meanwhile (conftest.image_build)
+@pytest.mark.skipif(not CAN_BUILD_IMAGES, reason="building an image without Docker needs root, buildah and debootstrap")
+def test_the_image_built_from_the_bento_answers_a_chat(image_build: Future[BuiltImage]):
     """``make image`` without Docker: buildah builds, ``buildah run`` starts it."""
-    base = subprocess.run(
-        [str(ROOT / "scripts" / "build_base_image.sh")],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert base.returncode == 0, base.stderr
-    env, bento = build_bento(
-        tiny_checkpoint, tmp_path / "home", "deploy/bentofile.local-image.yaml"
-    )
-    env |= CONTAINER_ENV
-    image = f"localhost/{bento}"
+    image = image_build.result()
     buildah = functools.partial(
-        subprocess.run, env=env, capture_output=True, text=True, timeout=1200
+        subprocess.run, env=image.env, capture_output=True, text=True, timeout=300
     )
-    built = buildah(
-        [sys.executable, "-m", "bentoml", "containerize", bento,
-         "--backend", "buildah", "-t", image],
-    )  # fmt: skip
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    container = buildah(["buildah", "from", image]).stdout.strip()
+    container = buildah(["buildah", "from", image.name]).stdout.strip()
     port = free_port()
     server = subprocess.Popen(
         ["buildah", "run", "--isolation", "chroot", "--network", "host",
          "--user", "bentoml", container, "--",
          "/home/bentoml/bento/env/docker/entrypoint.sh",
          "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=image.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert_chat_replies(f"http://127.0.0.1:{port}", server)
     finally:
         stop_tree(server)
         buildah(["buildah", "rm", container])
-        buildah(["buildah", "rmi", image])
+        buildah(["buildah", "rmi", image.name])

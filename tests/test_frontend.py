@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -58,6 +59,22 @@ def test_sidebar_shows_the_model_and_bounded_options(page_env):
     assert (max_new_tokens.min, max_new_tokens.max, max_new_tokens.value) == (1, 127, 59)
     page.sidebar.radio[0].set_value("Sampling").run()
     assert [s.label for s in page.sidebar.slider] == ["Max new tokens", "Temperature", "Top-p"]
+
+
+def test_greedy_and_sampled_replies_stream_in_and_are_kept(page_env, server):
+    page = open_page()
+    page.sidebar.slider[1].set_value(1).run()  # one beam: greedy decoding streams
+    page = say(page, "Tell me about your dog.")
+    assert not page.exception and not page.error
+    (_, reply) = thread(page)[-1]
+    whole = httpx.post(f"{server}/respond", json={
+        "messages": [{"role": "user", "content": "Tell me about your dog."}],
+        "num_beams": 1, "do_sample": False, "max_new_tokens": 59}, timeout=60).json()  # fmt: skip
+    assert reply == whole["reply"]  # the streamed pieces add up to the whole reply
+    assert thread(open_page(page.query_params["c"][0])) == thread(page)
+    page.sidebar.radio[0].set_value("Sampling").run()
+    page = say(page, "And your cat?")
+    assert not page.error and len(thread(page)) == 4 and thread(page)[-1][1]
 
 
 def test_clear_conversation_starts_a_new_thread_and_keeps_the_old(page_env):

@@ -22,7 +22,8 @@ from schemathesis.checks import positive_data_acceptance
 EXAMPLES_PER_OPERATION = 100
 FUZZED = [
     "GET /healthz", "GET /livez", "GET /metrics", "GET /readyz",
-    "POST /chat", "POST /generate", "POST /info", "POST /respond",
+    "GET /v1/models", "POST /chat", "POST /generate", "POST /info", "POST /respond",
+    "POST /v1/chat/completions",
 ]  # fmt: skip
 
 

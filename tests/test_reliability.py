@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 from conftest import ROOT, ModelStore, Served, serving
@@ -98,11 +99,17 @@ def until_served(client: httpx.Client, attempts: int = 20) -> httpx.Response:
 # --- access control and logs ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["/respond", "/chat", "/generate", "/info"])
+@pytest.mark.parametrize(
+    "method, route",
+    [("POST", "/respond"), ("POST", "/chat"), ("POST", "/generate"), ("POST", "/info"),
+     ("POST", "/v1/chat/completions"), ("GET", "/v1/models")],
+)  # fmt: skip
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", KEY, f"Basic {KEY}"])
-def test_every_api_route_needs_the_bearer_key(guarded, route, authorization):
+def test_every_api_route_needs_the_bearer_key(guarded, method, route, authorization):
     headers = {"Authorization": authorization} if authorization else {}
-    response = httpx.post(f"{guarded.url}{route}", json={}, headers=headers, timeout=30)
+    response = httpx.request(
+        method, f"{guarded.url}{route}", json={}, headers=headers, timeout=30
+    )
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert "Authorization: Bearer" in response.json()["error"]
@@ -112,6 +119,9 @@ def test_the_right_key_is_served_and_health_and_metrics_stay_open(guarded):
     with authorized(guarded) as client:
         assert until_served(client).status_code == 200
         assert client.post("/info", json={}).json()["model"]
+    # The OpenAI client sends the key the same way.
+    models = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key=KEY).models.list()
+    assert len(models.data) == 1
     for path in ["/livez", "/readyz", "/healthz", "/metrics"]:
         assert httpx.get(f"{guarded.url}{path}", timeout=30).status_code == 200, path
 

@@ -68,7 +68,8 @@ def test_generation_option_errors(fields, message):
     [
         ([], "at least 1 item"),
         ([{"role": "assistant", "content": "hi"}], "last message must come from the user"),
-        ([{"role": "system", "content": "hi"}], "'user' or 'assistant'"),
+        ([{"role": "robot", "content": "hi"}], "'system', 'user' or 'assistant'"),
+        ([{"role": "system", "content": "hi"}], "last message must come from the user"),
         ([{"role": "user", "content": "  "}], "non-blank"),
         ([{"role": "user", "content": "hi"}] * (MAX_TURNS + 1), "at most 200 items"),
     ],

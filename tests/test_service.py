@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 
 import httpx
 import pytest
+from conftest import batch_sizes
 
 CONCURRENCY = 64
 
 
 def post(server: str, route: str, payload: object) -> httpx.Response:
     return httpx.post(f"{server}{route}", json=payload, timeout=120)
-
-
-def batch_sizes(server: str) -> Counter[int]:
-    """How many batches of each size the adaptive batcher has dispatched so far."""
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
-    buckets = {
-        float(le): float(count)
-        for le, count in re.findall(
-            r'adaptive_batch_size_bucket\{le="([\d.]+)",method_name="generate".*\} ([\d.]+)',
-            metrics,
-        )
-    }
-    sizes, previous = Counter(), 0.0
-    for le in sorted(buckets):
-        sizes[int(le)] = int(buckets[le] - previous)
-        previous = buckets[le]
-    return sizes
 
 
 async def post_concurrently(
@@ -65,9 +48,13 @@ def test_respond_reports_model_tokens_and_truncation(server):
     short = post(server, "/respond", {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4})
     assert short.status_code == 200
     body = short.json()
-    assert set(body) == {"reply", "model", "prompt_tokens", "completion_tokens", "truncated"}
+    assert set(body) == {
+        "reply", "model", "prompt_tokens", "completion_tokens", "truncated", "finish_reason"
+    }  # fmt: skip
     assert body["model"].endswith("tiny-blenderbot")
     assert 1 <= body["completion_tokens"] <= 4
+    # Blenderbot forces its end token at the limit: a 4-token reply was cut there.
+    assert body["finish_reason"] == ("length" if body["completion_tokens"] == 4 else "stop")
     assert body["truncated"] is False
 
     history = [
