@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from chatbot.admission import Admission, Limits, busy_response
+from chatbot.coalescing import Coalescer
 from chatbot.engine import ChatEngine
 from chatbot.openai_api import build_openai_app
 from chatbot.openapi_spec import CompletedSpec
@@ -39,6 +40,14 @@ class BentoArgs(BaseModel):
 
 
 args = bentoml.use_arguments(BentoArgs)
+
+# The dispatcher's own adaptive_batch_size counts calls, and a coalesced call carries
+# several conversations: this counts what shares one model.generate.
+conversations_per_batch = bentoml.metrics.Histogram(
+    name="chatbot_batch_conversations",
+    documentation="Conversations answered by one call of the batch API",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 
 
 @bentoml.asgi_app(openai_v1, path="/v1")
@@ -66,6 +75,14 @@ class Chatbot:
             )
         )
         openai_v1.state.backend = self
+        # Requests arriving together reach the batcher in one call (chatbot.coalescing).
+        # self.generate is looked up at each call: at startup it is still the plain
+        # method, which would skip BentoML's batching dispatcher.
+        self.batched = Coalescer(
+            lambda requests: self.generate(requests),
+            settings.coalesce_ms / 1000,
+            10 * settings.coalesce_ms / 1000,
+        )
 
     def __is_ready__(self) -> bool:
         return self.loading.done() and self.loading.exception() is None
@@ -81,6 +98,7 @@ class Chatbot:
     async def generate(self, requests: list[ChatRequest]) -> list[ChatReply]:
         """Answer many conversations; concurrent calls are batched together."""
         engine = await asyncio.shield(self.loading)
+        conversations_per_batch.observe(len(requests))
         return await asyncio.to_thread(engine.generate, requests)
 
     @bentoml.api(input_spec=ChatRequest)
@@ -122,7 +140,7 @@ class Chatbot:
         predicts it would wait past CHATBOT_MAX_LATENCY_MS."""
         engine = await asyncio.shield(self.loading)
         engine.check(request)
-        (reply,) = await self.generate([request])
+        reply = await self.batched(request)
         note_tokens(reply.prompt_tokens, reply.completion_tokens)
         return reply
 

@@ -58,6 +58,7 @@ class Settings:
     model_tag: str
     max_batch_size: int
     max_latency_ms: int
+    coalesce_ms: float
     timeout_s: float
     pack_weights: bool
     max_concurrency: int
@@ -74,6 +75,7 @@ class Settings:
             or f"{store_name_for(model)}:latest",
             max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 8),
             max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
+            coalesce_ms=_float("CHATBOT_COALESCE_MS", 50),
             timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
             pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
             max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64),

@@ -150,12 +150,12 @@ def server(served: Served) -> str:
 
 
 def batch_sizes(server: str) -> Counter[int]:
-    """How many batches of each size the adaptive batcher has dispatched so far."""
+    """How many model batches of each size (conversations per ``generate`` call) so far."""
     metrics = httpx.get(f"{server}/metrics", timeout=10).text
     buckets = {
         float(le): float(count)
         for le, count in re.findall(
-            r'adaptive_batch_size_bucket\{le="([\d.]+)",method_name="generate".*\} ([\d.]+)',
+            r'chatbot_batch_conversations_bucket\{le="([\d.]+)"\} ([\d.]+)',
             metrics,
         )
     }
