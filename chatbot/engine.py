@@ -143,8 +143,9 @@ class ChatEngine:
             default_do_sample=self.defaults.do_sample,
         )
 
-    def check(self, request: ChatRequest) -> None:
-        """Refuse what this model cannot honour, with a pydantic ValidationError."""
+    def check(self, request: ChatRequest) -> EncodedConversation:
+        """Refuse what this model cannot honour, with a pydantic ValidationError;
+        otherwise the prompt the model would read."""
         limit = self.max_new_tokens_limit
         if request.max_new_tokens is not None and request.max_new_tokens > limit:
             raise _options_error(
@@ -152,7 +153,7 @@ class ChatEngine:
                 request.max_new_tokens,
                 f"this model can write at most {limit} tokens per reply",
             )
-        self.encode(request)  # a chat template may refuse the conversation
+        return self.encode(request)  # a chat template may refuse the conversation
 
     def plan(self, options: GenerationOptions) -> DecodingPlan:
         """Resolve request options against the model's defaults.
@@ -231,7 +232,7 @@ class ChatEngine:
                 "num_beams", plan.num_beams,
                 "beam search cannot stream: ask for num_beams 1, or for the whole reply at once",
             )  # fmt: skip
-        encoded = self.encode(request)
+        encoded = self.check(request)
         inputs = self._padded([encoded.input_ids])
         kwargs = self._generation_kwargs(plan)
 
