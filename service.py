@@ -70,8 +70,9 @@ class Chatbot:
                 ChatEngine.load,
                 self.model.path,
                 metadata.get("source", str(self.model.tag)),
-                settings.pack_weights,
-                metadata.get("note") or None,
+                pack_weights=settings.pack_weights,
+                note=metadata.get("note") or None,
+                dtype=settings.dtype,
             )
         )
         openai_v1.state.backend = self

@@ -6,7 +6,7 @@ forward pass). It runs PyTorch's stock CPU kernels, as the original design did (
 service's pre-packed oneDNN weights are part of what is measured against it). It takes
 the same ``/respond`` payload as the service, so one load generator drives both.
 
-    CHATBOT_MODEL=/path/to/checkpoint uvicorn benchmarks.baseline_server:app
+    CHATBOT_MODEL=/path/to/checkpoint [CHATBOT_DTYPE=auto] uvicorn benchmarks.baseline_server:app
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ engine: ChatEngine | None = None
 @asynccontextmanager
 async def lifespan(_: FastAPI):
     global engine
-    engine = ChatEngine.load(os.environ["CHATBOT_MODEL"], "baseline", pack_weights=False)
+    engine = ChatEngine.load(
+        os.environ["CHATBOT_MODEL"], "baseline", pack_weights=False,
+        dtype=os.environ.get("CHATBOT_DTYPE", "auto"),
+    )  # fmt: skip
     yield
 
 

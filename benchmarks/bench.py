@@ -7,7 +7,11 @@ Random weights make reply lengths arbitrary, so the checkpoint's generation conf
 fixes them (min length = max length). Every number is measured in this run; the
 speedup lines are ratios of this run's service and baseline throughputs.
 
-    python benchmarks/bench.py [--quick] [--model real-400m|tiny]
+    python benchmarks/bench.py [--quick] [--model real-400m|tiny] [--dtype auto|bfloat16|...]
+
+On a GPU (picked automatically) ``--dtype auto`` runs bfloat16 (float16 on GPUs
+without it); any dtype other than float32 also reports how many greedy replies are
+token-identical to float32's.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from transformers import BlenderbotTokenizer, GenerationConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.engine import ChatEngine, DecodingPlan  # noqa: E402
+from chatbot.engine import ChatEngine, DecodingPlan, pick_device, pick_dtype  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
+from chatbot.settings import DTYPE_CHOICES  # noqa: E402
 from chatbot.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from devtools.processes import free_port, stop_tree, wait_until_healthy  # noqa: E402
 
@@ -155,17 +160,25 @@ def conversations(count: int) -> list[list[dict[str, str]]]:
 # --- measurements in this process --------------------------------------------------
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matmul rate of this machine, the ceiling for decode efficiency."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5
+) -> float:
+    """Best matmul rate of this machine in the served dtype, the ceiling for decode
+    efficiency (a GPU gets a larger matrix: 2048 would not fill it)."""
+    size = size * 4 if device.type == "cuda" else size
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 
 def _timed(fn) -> float:
+    """Wall time of ``fn``, GPU work included (CUDA calls return before it is done)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -182,6 +195,14 @@ def bare_generate(engine: ChatEngine, chats, options: dict) -> float:
     requests = [ChatRequest(messages=c, **options) for c in chats]
     engine.generate(requests[:1])  # first-call allocations are not the model's cost
     return statistics.median(_timed(lambda r=r: engine.generate([r])) for r in requests)
+
+
+def agreement(reference: ChatEngine, engine: ChatEngine, chats) -> dict:
+    """How many greedy replies ``engine`` writes token for token as ``reference`` does."""
+    requests = [ChatRequest(messages=c, **GREEDY_32) for c in chats]
+    expected, got = reference.generate(requests), engine.generate(requests)
+    same = sum(a.reply == b.reply for a, b in zip(expected, got))
+    return {"identical_replies": same, "compared_replies": len(requests)}
 
 
 def decode_rate(
@@ -240,10 +261,12 @@ def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator
         stop_tree(process)
 
 
-def service(checkpoint: Path, home: Path, max_batch: int) -> tuple[list[str], dict, str]:
+def service(
+    checkpoint: Path, home: Path, max_batch: int, dtype: str
+) -> tuple[list[str], dict, str]:
     env = {
         **os.environ, "BENTOML_HOME": str(home), "CHATBOT_MODEL": str(checkpoint),
-        "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True",
+        "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True", "CHATBOT_DTYPE": dtype,
         "CHATBOT_MAX_BATCH_SIZE": str(max_batch), "CHATBOT_MAX_LATENCY_MS": "3600000",
         "CHATBOT_TIMEOUT_S": "3600",
     }  # fmt: skip
@@ -258,9 +281,12 @@ def service(checkpoint: Path, home: Path, max_batch: int) -> tuple[list[str], di
     return command, env, f"http://127.0.0.1:{port}"
 
 
-def baseline(checkpoint: Path) -> tuple[list[str], dict, str]:
+def baseline(checkpoint: Path, dtype: str) -> tuple[list[str], dict, str]:
     port = free_port()
-    env = {**os.environ, "CHATBOT_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ, "CHATBOT_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1",
+        "CHATBOT_DTYPE": dtype,
+    }  # fmt: skip
     command = [sys.executable, "-m", "uvicorn", "benchmarks.baseline_server:app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
     return command, env, f"http://127.0.0.1:{port}"
@@ -343,7 +369,7 @@ def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: di
     lines = [
         f"machine: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
         f"{machine['threads']} threads",
-        f"model: {machine['model']}",
+        f"model: {machine['model']} on {machine['device']} in {machine['dtype']}",
         "",
         "| server | workload | done | failed | replies/s | tokens/s | p50 s | p95 s | p99 s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -370,6 +396,11 @@ def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: di
             f"overhead greedy32-c1: service p50 / bare generate = "
             f"{c1.percentile(50) / bare['loop_latency_s']:.3f}"
         )
+    if "identical_replies" in bare:
+        lines.append(
+            f"agreement with float32: {bare['identical_replies']} of "
+            f"{bare['compared_replies']} greedy replies token-identical"
+        )
     lines.append(
         f"decode efficiency: {bare['decode_gflops']:.1f} GFLOP/s in a batch of "
         f"{bare['batch_size']} / matmul peak {machine['matmul_peak_gflops']:.1f} GFLOP/s = "
@@ -383,6 +414,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes, fewer workloads")
     parser.add_argument("--model", choices=["real-400m", "tiny"], default="real-400m")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_CHOICES), default="auto",
+        help="weight precision of both servers (auto: float32 on CPU, bf16/fp16 on GPU)",
+    )  # fmt: skip
     args = parser.parse_args()
     workloads = QUICK if args.quick else FULL
     # Quick: long enough for the unbatched baseline to finish 32 greedy replies.
@@ -391,34 +426,43 @@ def main() -> None:
     checkpoint = real_architecture_checkpoint() if args.model == "real-400m" else tiny_checkpoint()
     chats = conversations(max(w.requests for w in workloads))
     max_batch = max(w.concurrency for w in workloads)
-    stock = ChatEngine.load(checkpoint, args.model, pack_weights=False)
+    device = pick_device()
+    dtype = pick_dtype(args.dtype, device)
+    stock = ChatEngine.load(checkpoint, args.model, pack_weights=False, dtype=args.dtype)
     machine = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model": f"{args.model} ({sum(p.numel() for p in stock.model.parameters()) / 1e6:.1f} M parameters)",
-        "matmul_peak_gflops": matmul_peak_gflops(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmul_peak_gflops": matmul_peak_gflops(device, dtype),
     }  # fmt: skip
     weights = decode_weights(stock)
     c1_chats = chats[: workloads[0].requests]  # what the concurrency-1 workload sends
     bare = {"loop_latency_stock_s": bare_generate(stock, c1_chats, GREEDY_32)}
     del stock
-    engine = ChatEngine.load(checkpoint, args.model)
+    engine = ChatEngine.load(checkpoint, args.model, dtype=args.dtype)
     bare["loop_latency_s"] = bare_generate(engine, c1_chats, GREEDY_32)
     bare |= decode_rate(engine, chats, max_batch, GREEDY_32["max_new_tokens"], weights)
+    if dtype != torch.float32:
+        reference = ChatEngine.load(checkpoint, args.model, dtype="float32")
+        bare |= agreement(reference, engine, chats[:16])
+        del reference
     del engine
 
     results, peaks = [], {}
     with tempfile.TemporaryDirectory() as home:
         for name, spec in [
-            ("service", service(checkpoint, Path(home), max_batch)),
-            ("baseline", baseline(checkpoint)),
+            ("service", service(checkpoint, Path(home), max_batch, args.dtype)),
+            ("baseline", baseline(checkpoint, args.dtype)),
         ]:
             server_results, peaks[name] = measure(name, spec, workloads, chats, limit_s)
             results += server_results
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}"
+    precision = "" if dtype == torch.float32 else f"-{machine['dtype']}"
+    name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}{precision}"
     (args.out / f"{name}.json").write_text(
         json.dumps(
             {"machine": machine, "bare": bare, "peaks": peaks,

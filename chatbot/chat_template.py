@@ -52,7 +52,9 @@ def render_ids(
     for match in _PLACEHOLDER.finditer(skeleton):
         ids += tokenizer(skeleton[start : match.start()], add_special_tokens=False).input_ids
         text = messages[int(match.group(1))].content
-        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        ids += tokenizer(
+            text, add_special_tokens=False, split_special_tokens=True, verbose=False
+        ).input_ids  # a long message is cut by the caller, so no length warning
         start = match.end()
     ids += tokenizer(skeleton[start:], add_special_tokens=False).input_ids
     return ids

@@ -49,12 +49,15 @@ def encode_conversation(
     """Token ids for the encoder, newest tokens kept.
 
     ``split_special_tokens`` keeps user text such as ``</s>`` or ``<mask>`` plain
-    text: only the final end-of-sequence id is a real special token.
+    text: only the final end-of-sequence id is a real special token. The whole
+    history is tokenized and its left end cut here, so the tokenizer's warning
+    about sequences longer than the model's is off (``verbose=False``).
     """
     ids = tokenizer(
         conversation_text(messages),
         add_special_tokens=False,
         split_special_tokens=True,
+        verbose=False,
     ).input_ids
     ids.append(tokenizer.eos_token_id)
     return EncodedConversation(input_ids=ids[-window:], truncated=len(ids) > window)

@@ -27,9 +27,10 @@ from transformers import (
 
 from chatbot.chat_template import TemplateRefused
 from chatbot.conversation import EncodedConversation
-from chatbot.families import DECODER_ONLY_DEFAULT_NEW_TOKENS, detect_family
-from chatbot.packed_linear import pack_linear_layers, skip_padding
+from chatbot.families import detect_family
+from chatbot.packed_linear import pack_linear_layers, skip_redundant_rows
 from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo
+from chatbot.settings import DTYPE_CHOICES
 from chatbot.streaming import ReplyStream
 
 
@@ -57,6 +58,23 @@ def _options_error(field: str, value: object, message: str) -> ValidationError:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES - {"auto"}}
+"""The weight precisions CHATBOT_DTYPE may name besides ``auto``, as torch dtypes."""
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on a CPU: replies stay identical to the reference model,
+    and CPUs without AVX-512 BF16 or AMX gain nothing from bf16. On a GPU it is
+    bfloat16 where the GPU has it natively (float32's range, so no overflow; half
+    the memory traffic per decode step), float16 on older GPUs."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 class ChatEngine:
@@ -88,16 +106,20 @@ class ChatEngine:
         model_name: str,
         pack_weights: bool = True,
         note: str | None = None,
+        dtype: str = "auto",
     ) -> ChatEngine:
-        """Load a standard Hugging Face checkpoint directory of either family.
+        """Load a standard Hugging Face checkpoint directory of either family, on
+        the GPU when there is one.
 
-        ``pack_weights`` puts a CPU model's linear layers on oneDNN's pre-packed
-        path (see ``chatbot.packed_linear``); it does nothing on a GPU.
+        ``dtype`` is ``auto`` or a name in ``DTYPES`` (see ``pick_dtype``).
+        ``pack_weights`` puts a CPU model's float32 linear layers on oneDNN's
+        pre-packed path (see ``chatbot.packed_linear``); it does nothing on a GPU.
         """
         tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
         family = detect_family(AutoConfig.from_pretrained(path), tokenizer)
-        model = family.model_class.from_pretrained(path, dtype=torch.float32)
-        model = model.to(pick_device()).eval()
+        device = pick_device()
+        model = family.model_class.from_pretrained(path, dtype=pick_dtype(dtype, device))
+        model = model.to(device).eval()
         if pack_weights:
             pack_linear_layers(model)
         return cls(model, tokenizer, model_name, note)
@@ -112,16 +134,9 @@ class ChatEngine:
     def _model_defaults(self, config: GenerationConfig) -> DecodingPlan:
         """The model's own generation_config, in new-token terms.
 
-        An encoder-decoder's ``max_length``/``min_length`` count the decoder start
-        token, so 60/20 mean 59/19 new tokens; a decoder-only model's count the prompt,
-        so only its new-token fields are meaningful.
+        What its length fields count depends on the family.
         """
-        if self.family.name == "encoder-decoder":
-            max_new = config.max_new_tokens or (config.max_length or 20) - 1
-            min_new = config.min_new_tokens or max(0, (config.min_length or 0) - 1)
-        else:
-            max_new = config.max_new_tokens or DECODER_ONLY_DEFAULT_NEW_TOKENS
-            min_new = config.min_new_tokens or 0
+        max_new, min_new = self.family.default_lengths(config)
         max_new = min(max_new, self.max_new_tokens_limit)
         return DecodingPlan(
             max_new_tokens=max_new,
@@ -137,6 +152,8 @@ class ChatEngine:
             model=self.model_name,
             family=self.family.name,
             note=self.note,
+            device=self.model.device.type,
+            dtype=str(self.model.dtype).removeprefix("torch."),
             max_new_tokens_limit=self.max_new_tokens_limit,
             default_max_new_tokens=self.defaults.max_new_tokens,
             default_num_beams=self.defaults.num_beams,
@@ -218,9 +235,9 @@ class ChatEngine:
         """
         inputs = self._padded(batch)
         prompt_length = inputs["input_ids"].shape[1]
-        with torch.inference_mode(), self._skipping_padding(inputs, plan):
+        with torch.inference_mode(), self._skipping_redundant_rows(inputs, plan):
             sequences = self.model.generate(**inputs, **self._generation_kwargs(plan))
-        first_new = 1 if self.family.name == "encoder-decoder" else prompt_length
+        first_new = self.family.first_new_column(prompt_length)
         return [self._strip(row) for row in sequences[:, first_new:].tolist()]
 
     def stream(self, request: ChatRequest) -> ReplyStream:
@@ -252,42 +269,29 @@ class ChatEngine:
             return_tensors="pt",
         ).to(self.model.device)
 
-    def _skipping_padding(
+    def _skipping_redundant_rows(
         self, inputs: dict[str, torch.Tensor], plan: DecodingPlan
     ) -> AbstractContextManager[None]:
-        """Packed layers skip the encoder's padding rows (``chatbot.packed_linear``).
-
-        Only for encoder-decoders: a decoder-only model's padded positions feed its
-        key/value cache, so they must hold finite values.
-        """
-        if self.family.name != "encoder-decoder":
+        """Packed layers skip the prompt's padding and compute each conversation's
+        beam copies once (``chatbot.packed_linear``), where the family allows it."""
+        if not self.family.skips_redundant_rows:
             return nullcontext()
         # generate expands each conversation into its beams
-        return skip_padding(inputs["attention_mask"], plan.num_beams)
+        return skip_redundant_rows(inputs["attention_mask"], plan.num_beams)
 
     def _generation_kwargs(self, plan: DecodingPlan) -> dict[str, object]:
         """``generate`` overrides that replace the model's defaults without conflict.
 
-        transformers fills anything left unset from the model's generation_config.
-        Blenderbot's config gives lengths in decoder-length terms (start token
-        included), so those are set and the new-token fields cleared; the beam-only
-        length penalty is reset for greedy plans.
+        transformers fills anything left unset from the model's generation_config;
+        the family says how lengths are written and which key/value cache to use,
+        and the beam-only length penalty is reset for greedy plans.
         """
-        if self.family.name == "encoder-decoder":
-            lengths = {
-                "max_length": plan.max_new_tokens + 1,
-                "min_length": plan.min_new_tokens + 1,
-                "max_new_tokens": None,
-                "min_new_tokens": None,
-            }
-        else:
-            lengths = {
-                "max_new_tokens": plan.max_new_tokens,
-                "min_new_tokens": plan.min_new_tokens,
-                "pad_token_id": self.tokenizer.pad_token_id,
-            }
+        lengths = self.family.length_kwargs(
+            plan.max_new_tokens, plan.min_new_tokens, self.tokenizer
+        )
         return {
             **lengths,
+            **self.family.cache_kwargs(self.model.config, plan.max_new_tokens),
             "num_beams": plan.num_beams,
             "do_sample": plan.do_sample,
             "temperature": plan.temperature,

@@ -13,19 +13,21 @@ Nobody configures the family: ``config.is_encoder_decoder`` and the tokenizer's
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
 from chatbot.chat_template import encode_chat
 from chatbot.conversation import EncodedConversation, encode_conversation
+from chatbot.kv_cache import ReplyCache
 from chatbot.schemas import Message
 
 FamilyName = Literal["encoder-decoder", "decoder-only"]
@@ -42,44 +44,140 @@ class UnsupportedModel(ValueError):
     """The checkpoint is neither family; the message says what would be needed."""
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(ABC):
+    """What differs between the two kinds of model, so the engine never asks which
+    one it holds: one subclass per kind, one instance each."""
+
     name: FamilyName
     padding_side: Literal["left", "right"]
+    model_class: type
+    skips_redundant_rows: bool
+    """Whether packed layers may skip padded prompt positions and compute beam copies
+    once (``chatbot.packed_linear``): never where they feed a decoder's key/value
+    cache, which needs finite values in every position."""
 
-    @property
-    def model_class(self) -> type:
-        return AutoModelForSeq2SeqLM if self.name == "encoder-decoder" else AutoModelForCausalLM
+    @abstractmethod
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], window: int
+    ) -> EncodedConversation:
+        """The conversation as model input, at most ``window`` tokens."""
+
+    @abstractmethod
+    def limits(
+        self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[int, int]:
+        """(prompt window, most new tokens) in model tokens."""
+
+    @abstractmethod
+    def default_lengths(self, config: GenerationConfig) -> tuple[int, int]:
+        """(max, min) new tokens that the model's own generation_config asks for."""
+
+    @abstractmethod
+    def length_kwargs(
+        self, max_new_tokens: int, min_new_tokens: int, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, object]:
+        """``generate`` arguments for these lengths that override the model's defaults
+        without conflicting with them."""
+
+    @abstractmethod
+    def first_new_column(self, prompt_length: int) -> int:
+        """Where the reply starts in a row that ``generate`` returns."""
+
+    def cache_kwargs(self, config: PretrainedConfig, max_new_tokens: int) -> dict[str, object]:
+        """``generate`` arguments that choose its key/value cache (default: its own)."""
+        return {}
+
+
+class EncoderDecoder(Family):
+    name = "encoder-decoder"
+    padding_side = "right"  # learned positions start at 0 for every conversation
+    model_class = AutoModelForSeq2SeqLM
+    skips_redundant_rows = True
 
     def encode(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        messages: Sequence[Message],
-        window: int,
+        self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], window: int
     ) -> EncodedConversation:
-        if self.name == "encoder-decoder":
-            return encode_conversation(tokenizer, messages, window)
+        return encode_conversation(tokenizer, messages, window)
+
+    def limits(
+        self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[int, int]:
+        """Prompt and reply live in separate position spaces; the decoder's first
+        position holds the start token."""
+        positions = config.max_position_embeddings
+        return min(tokenizer.model_max_length, positions), positions - 1
+
+    def default_lengths(self, config: GenerationConfig) -> tuple[int, int]:
+        """``max_length``/``min_length`` count the decoder start token: Blenderbot's
+        60/20 mean 59/19 new tokens."""
+        max_new = config.max_new_tokens or (config.max_length or 20) - 1
+        min_new = config.min_new_tokens or max(0, (config.min_length or 0) - 1)
+        return max_new, min_new
+
+    def length_kwargs(
+        self, max_new_tokens: int, min_new_tokens: int, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, object]:
+        """Blenderbot's config gives lengths in decoder-length terms, so those are
+        set and the new-token fields cleared."""
+        return {
+            "max_length": max_new_tokens + 1,
+            "min_length": min_new_tokens + 1,
+            "max_new_tokens": None,
+            "min_new_tokens": None,
+        }
+
+    def first_new_column(self, prompt_length: int) -> int:
+        return 1  # after the decoder start token; the prompt went to the encoder
+
+    def cache_kwargs(self, config: PretrainedConfig, max_new_tokens: int) -> dict[str, object]:
+        """A cache with room for the reply, never copied whole (``chatbot.kv_cache``);
+        the decoder's positions are the start token and the reply."""
+        decoder_config = config.get_text_config(decoder=True)
+        return {"past_key_values": ReplyCache(decoder_config, capacity=max_new_tokens + 1)}
+
+
+class DecoderOnly(Family):
+    name = "decoder-only"
+    padding_side = "left"  # every conversation's next token sits in the last column
+    model_class = AutoModelForCausalLM
+    skips_redundant_rows = False
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], window: int
+    ) -> EncodedConversation:
         return encode_chat(tokenizer, messages, window)
 
     def limits(
         self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
     ) -> tuple[int, int]:
-        """(prompt window, most new tokens) in model tokens.
-
-        An encoder-decoder reads and writes in separate position spaces (the decoder's
-        first position holds the start token). A decoder-only model's prompt and reply
-        share one context, so the prompt gets what the longest reply leaves.
-        """
-        positions = config.max_position_embeddings
-        if self.name == "encoder-decoder":
-            return min(tokenizer.model_max_length, positions), positions - 1
-        context = min(tokenizer.model_max_length, positions)
+        """Prompt and reply share one context: the prompt gets what the longest
+        reply leaves."""
+        context = min(tokenizer.model_max_length, config.max_position_embeddings)
         max_new = min(MAX_NEW_TOKENS_CAP, context // 2)
         return context - max_new, max_new
 
+    def default_lengths(self, config: GenerationConfig) -> tuple[int, int]:
+        """``max_length`` counts the prompt, so only the new-token fields mean anything."""
+        return (
+            config.max_new_tokens or DECODER_ONLY_DEFAULT_NEW_TOKENS,
+            config.min_new_tokens or 0,
+        )
 
-ENCODER_DECODER = Family("encoder-decoder", padding_side="right")
-DECODER_ONLY = Family("decoder-only", padding_side="left")
+    def length_kwargs(
+        self, max_new_tokens: int, min_new_tokens: int, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[str, object]:
+        return {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+
+    def first_new_column(self, prompt_length: int) -> int:
+        return prompt_length
+
+
+ENCODER_DECODER: Family = EncoderDecoder()
+DECODER_ONLY: Family = DecoderOnly()
 
 
 def detect_family(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> Family:

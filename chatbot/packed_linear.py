@@ -12,12 +12,15 @@ The packing is chosen for a typical decode batch (``BATCH_HINT`` rows). With it 
 row's result is independent of how many rows share the call, so a batched reply
 stays identical to the same reply computed alone.
 
-``skip_padding`` goes one step further for the prompt: a batch is padded to its longest
-conversation, and the encoder plus the decoder's cross-attention keys and values are
-otherwise computed for every padding position too. In the benchmark's batch of 32
-chit-chat conversations 58% of the 32 x 128 positions were padding. Inside the
-context, layers skip those rows (their outputs are zeros, which the attention masks
-ignore), so real rows get exactly the values they would get in a padded batch.
+``skip_redundant_rows`` goes one step further for the prompt. A batch is padded to
+its longest conversation, and the encoder plus the decoder's cross-attention keys and
+values are otherwise computed for every padding position too: in the benchmark's
+batch of 32 chit-chat conversations 58% of the 32 x 128 positions were padding.
+Inside the context, layers skip those rows (their outputs are zeros, which the
+attention masks ignore), so real rows get exactly the values they would get in a
+padded batch. Beam search also repeats the encoder output once per beam before the
+cross-attention projects it, so with Blenderbot's 10 beams nine of every ten rows of
+those projections repeat the first: they are computed once per conversation.
 """
 
 from __future__ import annotations
@@ -25,36 +28,50 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 BATCH_HINT = 32
 
-# Token masks of the current batch, by the (batch, length) shape they apply to.
-_padding_masks: ContextVar[dict[torch.Size, torch.Tensor]] = ContextVar(
-    "padding_masks", default={}
-)
+
+@dataclass(frozen=True)
+class _Rows:
+    """Which rows of a (batch, length, features) input a packed layer computes."""
+
+    real: torch.Tensor | None
+    """(batch / copies, length) positions that are not padding; None: every one."""
+    copies: int
+    """Each group of this many consecutive batch rows holds one row's values."""
+
+
+# The current batch's rows, by the (batch, length) shape they apply to.
+_batch_rows: ContextVar[dict[torch.Size, _Rows]] = ContextVar("batch_rows", default={})
 
 
 @contextmanager
-def skip_padding(attention_mask: torch.Tensor, copies: int = 1) -> Iterator[None]:
-    """Let packed layers skip padded positions of ``attention_mask`` (batch, length).
+def skip_redundant_rows(attention_mask: torch.Tensor, copies: int = 1) -> Iterator[None]:
+    """Let packed layers skip padded positions of ``attention_mask`` (batch, length),
+    and compute generate's ``copies`` of each conversation (its beams, made with
+    ``repeat_interleave`` along the batch) once.
 
-    ``copies`` covers generate's expansion of each conversation into beams or
-    samples (``repeat_interleave`` along the batch). Nothing is skipped when the
-    batch has no padding.
+    A one-token prompt is left alone: its (batch, 1) shape is also the shape of every
+    decoder step, whose rows differ.
     """
     real = attention_mask.bool()
-    masks = {} if real.all() else {real.shape: real}
-    if copies > 1 and masks:
-        expanded = real.repeat_interleave(copies, dim=0)
-        masks[expanded.shape] = expanded
-    token = _padding_masks.set(masks)
+    batch, length = real.shape
+    padded = None if real.all() else real
+    rows: dict[torch.Size, _Rows] = {}
+    if padded is not None:
+        rows[real.shape] = _Rows(padded, 1)
+    if copies > 1 and length > 1:
+        rows[torch.Size((batch * copies, length))] = _Rows(padded, copies)
+    token = _batch_rows.set(rows)
     try:
         yield
     finally:
-        _padding_masks.reset(token)
+        _batch_rows.reset(token)
 
 
 def onednn_available() -> bool:
@@ -76,12 +93,16 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        real = _padding_masks.get().get(x.shape[:-1])
-        if real is None:
+        rows = _batch_rows.get().get(x.shape[:-1])
+        if rows is None:
             return self._product(x)
-        out = x.new_zeros(*x.shape[:-1], self.out_features)
-        out[real] = self._product(x[real])
-        return out
+        x = x[:: rows.copies]
+        if rows.real is None:
+            out = self._product(x)
+        else:
+            out = x.new_zeros(*x.shape[:-1], self.out_features)
+            out[rows.real] = self._product(x[rows.real])
+        return out.repeat_interleave(rows.copies, dim=0) if rows.copies > 1 else out
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(

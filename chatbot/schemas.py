@@ -146,6 +146,8 @@ class ModelInfo(BaseModel):
     note: str | None = Field(
         default=None, description="What a person should know about this model."
     )
+    device: str = Field(description="Where the model runs: cpu or cuda.")
+    dtype: str = Field(description="Precision of the model's weights, e.g. float32.")
     max_new_tokens_limit: int = Field(description="Most new tokens one reply can have.")
     max_beams: int = MAX_BEAMS
     default_max_new_tokens: int

@@ -50,6 +50,17 @@ def _bool(name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be true or false, not {raw!r}")
 
 
+def _choice(name: str, default: str, choices: frozenset[str]) -> str:
+    raw = os.environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(sorted(choices))}, not {raw!r}")
+    return raw
+
+
+DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "float16"})
+"""Weight precisions (CHATBOT_DTYPE); ``auto`` picks by device, see ``chatbot.engine``."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see the README's configuration table."""
@@ -61,6 +72,7 @@ class Settings:
     coalesce_ms: float
     timeout_s: float
     pack_weights: bool
+    dtype: str
     max_concurrency: int
     max_body_bytes: int
     log_content: bool
@@ -78,6 +90,7 @@ class Settings:
             coalesce_ms=_float("CHATBOT_COALESCE_MS", 50),
             timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
             pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
+            dtype=_choice("CHATBOT_DTYPE", "auto", DTYPE_CHOICES),
             max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64),
             max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576),
             log_content=_bool("CHATBOT_LOG_CONTENT", False),

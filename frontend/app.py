@@ -72,7 +72,7 @@ def sidebar(
     st.sidebar.title("Blenderbot chat")
     try:
         info: dict[str, Any] | None = api.info()
-        st.sidebar.caption(f"Model: **{info['model']}**")
+        st.sidebar.caption(f"Model: **{info['model']}** ({info['device']}, {info['dtype']})")
         if note := info.get("note"):
             st.sidebar.info(note)
         elif info["model"].endswith("tiny-blenderbot"):

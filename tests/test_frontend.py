@@ -55,6 +55,7 @@ def test_a_message_gets_a_reply_that_survives_a_reload(page_env):
 def test_sidebar_shows_the_model_and_bounded_options(page_env):
     page = open_page()
     assert "tiny-blenderbot" in page.sidebar.caption[0].value
+    assert "(cpu, float32)" in page.sidebar.caption[0].value
     max_new_tokens = page.sidebar.slider[0]
     assert (max_new_tokens.min, max_new_tokens.max, max_new_tokens.value) == (1, 127, 59)
     page.sidebar.radio[0].set_value("Sampling").run()

@@ -13,7 +13,7 @@ from chatbot.packed_linear import (
     PackedLinear,
     onednn_available,
     pack_linear_layers,
-    skip_padding,
+    skip_redundant_rows,
 )
 from chatbot.schemas import ChatRequest
 
@@ -82,7 +82,7 @@ def test_skipping_padding_keeps_every_real_positions_output(engine: ChatEngine):
     encoder = engine.model.get_encoder()
     with torch.inference_mode():
         padded = encoder(**inputs).last_hidden_state
-        with skip_padding(inputs["attention_mask"], copies=3):
+        with skip_redundant_rows(inputs["attention_mask"], copies=3):
             skipped = encoder(**inputs).last_hidden_state
             beams = {k: v.repeat_interleave(3, dim=0) for k, v in inputs.items()}
             skipped_beams = encoder(**beams).last_hidden_state
