@@ -28,12 +28,9 @@ from transformers import (
 from chatbot.chat_template import encode_chat
 from chatbot.conversation import EncodedConversation, encode_conversation
 from chatbot.kv_cache import ReplyCache
-from chatbot.schemas import Message
+from chatbot.schemas import MAX_NEW_TOKENS, Message
 
 FamilyName = Literal["encoder-decoder", "decoder-only"]
-
-MAX_NEW_TOKENS_CAP = 1024
-"""Most new tokens a decoder-only reply may have (the API's own upper bound)."""
 
 DECODER_ONLY_DEFAULT_NEW_TOKENS = 256
 """Reply length for decoder-only models whose generation_config names none
@@ -153,7 +150,7 @@ class DecoderOnly(Family):
         """Prompt and reply share one context: the prompt gets what the longest
         reply leaves."""
         context = min(tokenizer.model_max_length, config.max_position_embeddings)
-        max_new = min(MAX_NEW_TOKENS_CAP, context // 2)
+        max_new = min(MAX_NEW_TOKENS, context // 2)
         return context - max_new, max_new
 
     def default_lengths(self, config: GenerationConfig) -> tuple[int, int]:

@@ -32,7 +32,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from chatbot.admission import busy_response
 from chatbot.request_log import note_tokens
-from chatbot.schemas import MAX_BEAMS, MAX_TURNS, ChatReply, ChatRequest, Message, ModelInfo
+from chatbot.schemas import (
+    MAX_BEAMS,
+    MAX_NEW_TOKENS,
+    MAX_TURNS,
+    ChatReply,
+    ChatRequest,
+    Message,
+    ModelInfo,
+)
 from chatbot.streaming import ReplyStream
 
 _MIN_TEMPERATURE = 0.01  # the engine's floor; OpenAI's (0, 0.01) rounds up to it
@@ -77,8 +85,8 @@ class StreamOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_TURNS)
-    max_tokens: int | None = Field(default=None, ge=1, le=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Literal[1] = 1
@@ -170,7 +178,7 @@ async def _events(stream: ReplyStream, model: str, include_usage: bool) -> Async
 
 
 def _error_body(message: str, kind: str) -> dict[str, object]:
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return ErrorBody(error=ErrorDetail(message=message, type=kind)).model_dump()
 
 
 def _invalid(message: str) -> JSONResponse:
@@ -243,12 +251,12 @@ def build_openai_app(backend_errors: tuple[type[Exception], ...] = ()) -> FastAP
     @app.post("/chat/completions", response_model=None, responses=_DOCUMENTED_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict:
         backend: ChatBackend = request.app.state.backend
-        info = await backend.model_info()
         chat = body.to_chat_request()
         if not body.stream:
             return completion(await backend.reply(chat))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = await backend.stream(chat)
+        info = await backend.model_info()  # a whole reply names its model itself
         return StreamingResponse(
             _events(stream, info.model, include_usage), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

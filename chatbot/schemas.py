@@ -18,6 +18,9 @@ MAX_TURNS = 200
 
 MAX_BEAMS = 16
 
+MAX_NEW_TOKENS = 1024
+"""Most new tokens one reply may ask for; a model's own limit may be lower."""
+
 MessageText = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 UserText = Annotated[
     str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")
@@ -65,7 +68,7 @@ class GenerationOptions(_Strict):
     at least 19 and at most 59 new tokens, no sampling).
     """
 
-    max_new_tokens: int | None = Field(default=None, ge=1, le=1024)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     num_beams: int | None = Field(default=None, ge=1, le=MAX_BEAMS)
     do_sample: bool | None = None
     temperature: _Temperature | None = None
