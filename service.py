@@ -9,7 +9,7 @@ dispatcher merges concurrent conversations into one padded ``model.generate`` ca
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
@@ -79,7 +79,7 @@ class Chatbot:
         # Requests arriving together reach the batcher in one call (chatbot.coalescing).
         # self.generate is looked up at each call: at startup it is still the plain
         # method, which would skip BentoML's batching dispatcher.
-        self.batched = Coalescer(
+        self.batched: Coalescer[ChatRequest, ChatReply] = Coalescer(
             lambda requests: self.generate(requests),
             settings.coalesce_ms / 1000,
             10 * settings.coalesce_ms / 1000,
@@ -108,7 +108,7 @@ class Chatbot:
         try:
             return await self.reply(ChatRequest(**request))
         except ServiceUnavailable:
-            return busy_response()
+            return busy_response()  # type: ignore[return-value]  # BentoML sends a Response as is
 
     @bentoml.api(input_spec=LegacyChatRequest)
     async def chat(self, **request: Any) -> Annotated[str, ContentType("application/json")]:
@@ -116,8 +116,8 @@ class Chatbot:
         try:
             reply = await self.reply(LegacyChatRequest(**request).to_chat_request())
         except ServiceUnavailable:
-            return busy_response()
-        return JSONResponse(reply.reply)  # a bare str would go out as text/plain
+            return busy_response()  # type: ignore[return-value]  # BentoML sends a Response as is
+        return JSONResponse(reply.reply)  # type: ignore[return-value]  # a bare str goes out as text/plain
 
     @bentoml.api
     async def info(self) -> ModelInfo:
@@ -148,8 +148,10 @@ class Chatbot:
 # Outermost first: every outside request gets an id and a log line, then admission,
 # then validation errors in the shape the OpenAPI spec declares, and the spec itself
 # completed with what BentoML leaves out of it.
-Chatbot.add_asgi_middleware(RequestLog, log_content=settings.log_content)
-Chatbot.add_asgi_middleware(
+# (The decorators made Chatbot a bentoml.Service; mypy keeps a decorated class's own type.)
+service = cast("bentoml.Service[Chatbot]", Chatbot)
+service.add_asgi_middleware(RequestLog, log_content=settings.log_content)
+service.add_asgi_middleware(
     Admission,
     limits=Limits(
         api_key=settings.api_key,
@@ -158,5 +160,5 @@ Chatbot.add_asgi_middleware(
         timeout_s=settings.timeout_s,
     ),
 )
-Chatbot.add_asgi_middleware(ReadableValidationErrors)
-Chatbot.add_asgi_middleware(CompletedSpec)
+service.add_asgi_middleware(ReadableValidationErrors)
+service.add_asgi_middleware(CompletedSpec)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import chitchat_dataset
@@ -122,9 +122,7 @@ def real_architecture_checkpoint() -> Path:
     if (out / "model.safetensors").exists():
         return out
     config = json.loads((SHARED / "blenderbot-400M-distill.config.json").read_text())
-    generation = json.loads(
-        (SHARED / "blenderbot-400M-distill.generation_config.json").read_text()
-    )
+    generation = json.loads((SHARED / "blenderbot-400M-distill.generation_config.json").read_text())
     architecture = {k: config[k] for k in ARCHITECTURE_KEYS}
     model = build_model(config["vocab_size"], architecture)
     model.generation_config = GenerationConfig(
@@ -151,7 +149,7 @@ def conversations(count: int) -> list[list[dict[str, str]]]:
         if len(turns) >= 3:
             turns = turns[-3:]
             roles = ["user", "assistant", "user"]
-            chats.append([{"role": r, "content": t} for r, t in zip(roles, turns)])
+            chats.append([{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)])
         if len(chats) == count:
             return chats
     return chats
@@ -201,7 +199,7 @@ def agreement(reference: ChatEngine, engine: ChatEngine, chats) -> dict:
     """How many greedy replies ``engine`` writes token for token as ``reference`` does."""
     requests = [ChatRequest(messages=c, **GREEDY_32) for c in chats]
     expected, got = reference.generate(requests), engine.generate(requests)
-    same = sum(a.reply == b.reply for a, b in zip(expected, got))
+    same = sum(a.reply == b.reply for a, b in zip(expected, got, strict=True))
     return {"identical_replies": same, "compared_replies": len(requests)}
 
 
@@ -220,7 +218,11 @@ def decode_rate(
 
     seconds = run(new_tokens) - run(1)
     flops = 2 * weights_per_row * len(batch) * (new_tokens - 1)
-    return {"batch_size": len(batch), "decode_seconds": seconds, "decode_gflops": flops / seconds / 1e9}
+    return {
+        "batch_size": len(batch),
+        "decode_seconds": seconds,
+        "decode_gflops": flops / seconds / 1e9,
+    }
 
 
 # --- servers -----------------------------------------------------------------------
@@ -357,7 +359,8 @@ def speedup(service: Result, base: Result) -> str:
     (every request then was still running: no throughput was measured)."""
     if service.completed and base.completed:
         return f"{service.replies_per_s / base.replies_per_s:.2f}"
-    return f"n/a ({service.server} {service.completed}, {base.server} {base.completed} replies in the time limit)"
+    counts = f"{service.server} {service.completed}, {base.server} {base.completed}"
+    return f"n/a ({counts} replies in the time limit)"
 
 
 def _latency(result: Result, q: float) -> str:
@@ -429,10 +432,11 @@ def main() -> None:
     device = pick_device()
     dtype = pick_dtype(args.dtype, device)
     stock = ChatEngine.load(checkpoint, args.model, pack_weights=False, dtype=args.dtype)
+    parameters = sum(p.numel() for p in stock.model.parameters())
     machine = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "model": f"{args.model} ({sum(p.numel() for p in stock.model.parameters()) / 1e6:.1f} M parameters)",
+        "model": f"{args.model} ({parameters / 1e6:.1f} M parameters)",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "matmul_peak_gflops": matmul_peak_gflops(device, dtype),
@@ -460,14 +464,19 @@ def main() -> None:
             results += server_results
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     precision = "" if dtype == torch.float32 else f"-{machine['dtype']}"
     name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}{precision}"
     (args.out / f"{name}.json").write_text(
         json.dumps(
-            {"machine": machine, "bare": bare, "peaks": peaks,
-             "results": [asdict(r) for r in results]}, indent=2,
-        )  # fmt: skip
+            {
+                "machine": machine,
+                "bare": bare,
+                "peaks": peaks,
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
     )
     text = report(results, peaks, machine, bare)
     (args.out / f"{name}.md").write_text(text + "\n")

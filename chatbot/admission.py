@@ -149,9 +149,7 @@ class Admission:
         self.in_flight += 1
         start = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                self.app(scope, receive, tracked_send), self.limits.timeout_s
-            )
+            await asyncio.wait_for(self.app(scope, receive, tracked_send), self.limits.timeout_s)
         except TimeoutError:
             if not started:
                 await send_error(

@@ -35,9 +35,7 @@ def _placeholder(index: int) -> str:
     return f"\ue000{index}\ue001"
 
 
-def render_ids(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]
-) -> list[int]:
+def render_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
     """The whole prompt, generation prompt included, with message text kept as text."""
     try:
         skeleton = tokenizer.apply_chat_template(
@@ -47,6 +45,7 @@ def render_ids(
         )
     except TemplateError as error:
         raise TemplateRefused(f"the model's chat template refused: {error}") from None
+    assert isinstance(skeleton, str)  # tokenize=False: the rendered text
     ids: list[int] = []
     start = 0
     for match in _PLACEHOLDER.finditer(skeleton):

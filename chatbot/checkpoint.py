@@ -12,6 +12,7 @@ import hashlib
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from huggingface_hub import constants
@@ -96,6 +97,7 @@ def save_checkpoint(source: str, destination: Path) -> None:
 
 
 def _load_and_save(source: str, destination: Path, local_files_only: bool) -> None:
+    location: dict[str, Any]
     if is_gguf(source):
         path = Path(source)
         location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}

@@ -20,6 +20,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from transformers import (
     AutoConfig,
     AutoTokenizer,
+    BatchEncoding,
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -29,7 +30,7 @@ from chatbot.chat_template import TemplateRefused
 from chatbot.conversation import EncodedConversation
 from chatbot.families import detect_family
 from chatbot.packed_linear import pack_linear_layers, skip_redundant_rows
-from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo
+from chatbot.schemas import ChatReply, ChatRequest, FinishReason, GenerationOptions, ModelInfo
 from chatbot.settings import DTYPE_CHOICES
 from chatbot.streaming import ReplyStream
 
@@ -179,14 +180,10 @@ class ChatEngine:
         batch API) get the longest reply the model can give.
         """
         d = self.defaults
-        max_new = min(
-            options.max_new_tokens or d.max_new_tokens, self.max_new_tokens_limit
-        )
+        max_new = min(options.max_new_tokens or d.max_new_tokens, self.max_new_tokens_limit)
         sampling_knobs = options.temperature is not None or options.top_p is not None
         do_sample = (
-            options.do_sample
-            if options.do_sample is not None
-            else d.do_sample or sampling_knobs
+            options.do_sample if options.do_sample is not None else d.do_sample or sampling_knobs
         )
         return DecodingPlan(
             max_new_tokens=max_new,
@@ -213,9 +210,9 @@ class ChatEngine:
         replies: list[ChatReply | None] = [None] * len(requests)
         for plan, indices in groups.items():
             outputs = self.generate_ids([encoded[i].input_ids for i in indices], plan)
-            for i, output in zip(indices, outputs):
+            for i, output in zip(indices, outputs, strict=True):
                 replies[i] = ChatReply(
-                    reply=self.tokenizer.decode(output, skip_special_tokens=True).strip(),
+                    reply=self._text(output),
                     model=self.model_name,
                     prompt_tokens=len(encoded[i].input_ids),
                     completion_tokens=len(output),
@@ -224,9 +221,7 @@ class ChatEngine:
                 )
         return [r for r in replies if r is not None]
 
-    def generate_ids(
-        self, batch: Sequence[Sequence[int]], plan: DecodingPlan
-    ) -> list[list[int]]:
+    def generate_ids(self, batch: Sequence[Sequence[int]], plan: DecodingPlan) -> list[list[int]]:
         """New token ids for each input (end-of-sequence included, padding not).
 
         Blenderbot pads on the right: its learned positions must start at 0 for
@@ -262,7 +257,12 @@ class ChatEngine:
             lambda ids: self._finish_reason(ids, plan),
         )  # fmt: skip
 
-    def _padded(self, batch: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def _text(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence in, one text out
+        return text.strip()
+
+    def _padded(self, batch: Sequence[Sequence[int]]) -> BatchEncoding:
         return self.tokenizer.pad(
             {"input_ids": [list(ids) for ids in batch]},
             padding=True,
@@ -270,7 +270,7 @@ class ChatEngine:
         ).to(self.model.device)
 
     def _skipping_redundant_rows(
-        self, inputs: dict[str, torch.Tensor], plan: DecodingPlan
+        self, inputs: BatchEncoding, plan: DecodingPlan
     ) -> AbstractContextManager[None]:
         """Packed layers skip the prompt's padding and compute each conversation's
         beam copies once (``chatbot.packed_linear``), where the family allows it."""
@@ -299,8 +299,8 @@ class ChatEngine:
             **({"length_penalty": 1.0} if plan.num_beams == 1 else {}),
         }
 
-    def _finish_reason(self, output: Sequence[int], plan: DecodingPlan) -> str:
-        """"stop" when the model ended the reply, "length" when the limit did.
+    def _finish_reason(self, output: Sequence[int], plan: DecodingPlan) -> FinishReason:
+        """ "stop" when the model ended the reply, "length" when the limit did.
 
         Blenderbot forces an end token at the limit (``forced_eos_token_id``), so a
         reply that is exactly as long as allowed ended because of the limit.

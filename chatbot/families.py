@@ -24,6 +24,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from chatbot.chat_template import encode_chat
 from chatbot.conversation import EncodedConversation, encode_conversation
@@ -47,7 +48,7 @@ class Family(ABC):
 
     name: FamilyName
     padding_side: Literal["left", "right"]
-    model_class: type
+    model_class: type[_BaseAutoModelClass]
     skips_redundant_rows: bool
     """Whether packed layers may skip padded prompt positions and compute beam copies
     once (``chatbot.packed_linear``): never where they feed a decoder's key/value

@@ -19,6 +19,7 @@ token-identical replies.
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
@@ -81,7 +82,7 @@ class ReplyLayer(DynamicLayer):
     def _grow(self, needed: int) -> None:
         self.capacity = max(needed, 2 * self.capacity)
         grown = [self._empty_like(buffer) for buffer in self._buffers]
-        for old, new in zip(self._buffers[:2], grown):
+        for old, new in zip(self._buffers[:2], grown[:2], strict=True):
             new[:, :, : self.length] = old[:, :, : self.length]
         self._buffers = grown
 
@@ -95,7 +96,9 @@ class ReplyCache(EncoderDecoderCache):
     decoder positions; beam search reorders only its self-attention half."""
 
     def __init__(self, decoder_config: PretrainedConfig, capacity: int) -> None:
-        self_attention = Cache(layer_class_to_replicate=partial(ReplyLayer, capacity))
+        # transformers only calls the "class" to make each layer's cache: a factory will do.
+        layers = cast(type[ReplyLayer], partial(ReplyLayer, capacity))
+        self_attention = Cache(layer_class_to_replicate=layers)
         super().__init__(self_attention, DynamicCache(config=decoder_config))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

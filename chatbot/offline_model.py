@@ -24,7 +24,7 @@ NOTE = (
 def offline_model_path() -> Path | None:
     """The GGUF file, when the package is installed (found without importing it)."""
     try:
-        path = Path(importlib.metadata.distribution(DISTRIBUTION).locate_file(GGUF_FILE))
+        path = Path(str(importlib.metadata.distribution(DISTRIBUTION).locate_file(GGUF_FILE)))
     except importlib.metadata.PackageNotFoundError:
         return None
     return path if path.is_file() else None

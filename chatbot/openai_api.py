@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal, Protocol
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -104,7 +104,9 @@ class ChatCompletionRequest(_Strict):
             max_new_tokens=self.max_completion_tokens or self.max_tokens,
             num_beams=self.num_beams or (1 if self.stream or sampling else None),
             do_sample=False if greedy else (True if sampling else None),
-            temperature=max(self.temperature, _MIN_TEMPERATURE) if sampling and self.temperature else None,
+            temperature=max(self.temperature, _MIN_TEMPERATURE)
+            if sampling and self.temperature
+            else None,
             top_p=self.top_p if sampling else None,
         )
 
@@ -147,7 +149,9 @@ class _Chunks:
             "model": model,
         }
 
-    def event(self, delta: dict[str, str], finish_reason: str | None = None, **extra: object) -> str:
+    def event(
+        self, delta: dict[str, str], finish_reason: str | None = None, **extra: object
+    ) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         return _sse({**self.base, "choices": [choice], **extra})
 
@@ -185,7 +189,7 @@ def _invalid(message: str) -> JSONResponse:
     return JSONResponse(_error_body(message, "invalid_request_error"), status_code=400)
 
 
-def _readable(errors: list) -> str:
+def _readable(errors: Sequence[Any]) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors
     )
@@ -208,10 +212,15 @@ _DOCUMENTED_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "description": "The completion; with stream=true, server-sent chunk events",
         # One schema per server-sent event, as OpenAPI 3.2's itemSchema puts it.
-        "content": {"text/event-stream": {"schema": {
-            "type": "object", "required": ["data"],
-            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-        }}},
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            }
+        },
     },
     400: {"model": ErrorBody, "description": "A request the model cannot honour"},
 }
@@ -245,8 +254,8 @@ def build_openai_app(backend_errors: tuple[type[Exception], ...] = ()) -> FastAP
     @app.get("/models")
     async def models(request: Request) -> dict[str, object]:
         info = await request.app.state.backend.model_info()
-        return {"object": "list", "data": [
-            {"id": info.model, "object": "model", "created": 0, "owned_by": "chatbot"}]}  # fmt: skip
+        model = {"id": info.model, "object": "model", "created": 0, "owned_by": "chatbot"}
+        return {"object": "list", "data": [model]}
 
     @app.post("/chat/completions", response_model=None, responses=_DOCUMENTED_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict:

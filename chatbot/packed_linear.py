@@ -25,10 +25,11 @@ those projections repeat the first: they are computed once per conversation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -47,7 +48,9 @@ class _Rows:
 
 
 # The current batch's rows, by the (batch, length) shape they apply to.
-_batch_rows: ContextVar[dict[torch.Size, _Rows]] = ContextVar("batch_rows", default={})
+_batch_rows: ContextVar[Mapping[torch.Size, _Rows]] = ContextVar(
+    "batch_rows", default=MappingProxyType({})
+)
 
 
 @contextmanager
@@ -75,9 +78,7 @@ def skip_redundant_rows(attention_mask: torch.Tensor, copies: int = 1) -> Iterat
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_linear_pointwise"
-    )
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class PackedLinear(nn.Module):

@@ -45,9 +45,7 @@ class RequestRecord:
     content: str | None = None
 
 
-current_request: ContextVar[RequestRecord | None] = ContextVar(
-    "current_request", default=None
-)
+current_request: ContextVar[RequestRecord | None] = ContextVar("current_request", default=None)
 
 
 def serving() -> RequestRecord | None:

@@ -21,10 +21,11 @@ MAX_BEAMS = 16
 MAX_NEW_TOKENS = 1024
 """Most new tokens one reply may ask for; a model's own limit may be lower."""
 
+FinishReason = Literal["stop", "length"]
+"""Why a reply ended: the model ended it, or the length limit did (OpenAI's names)."""
+
 MessageText = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
-UserText = Annotated[
-    str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")
-]
+UserText = Annotated[str, Field(min_length=1, max_length=MAX_MESSAGE_CHARS, pattern=r"\S")]
 
 
 class _Strict(BaseModel):
@@ -97,12 +98,8 @@ class ChatRequest(GenerationOptions):
 class LegacyChatRequest(_Strict):
     """The payload of the original microservice design, accepted unchanged."""
 
-    past_user_inputs: list[UserText] = Field(
-        default_factory=list, max_length=MAX_TURNS // 2
-    )
-    generated_responses: list[MessageText] = Field(
-        default_factory=list, max_length=MAX_TURNS // 2
-    )
+    past_user_inputs: list[UserText] = Field(default_factory=list, max_length=MAX_TURNS // 2)
+    generated_responses: list[MessageText] = Field(default_factory=list, max_length=MAX_TURNS // 2)
     user_input: UserText
 
     @model_validator(mode="after")
@@ -116,7 +113,7 @@ class LegacyChatRequest(_Strict):
 
     def to_chat_request(self) -> ChatRequest:
         messages: list[Message] = []
-        for said, answered in zip(self.past_user_inputs, self.generated_responses):
+        for said, answered in zip(self.past_user_inputs, self.generated_responses, strict=True):
             messages += [
                 Message(role="user", content=said),
                 Message(role="assistant", content=answered),
@@ -135,7 +132,7 @@ class ChatReply(BaseModel):
     truncated: bool = Field(
         description="True when older turns were cut to fit the model's input window."
     )
-    finish_reason: Literal["stop", "length"] = Field(
+    finish_reason: FinishReason = Field(
         default="stop",
         description="stop: the model ended its reply; length: max_new_tokens cut it.",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import torch
 from transformers import (
@@ -28,10 +29,13 @@ class _Cancelled(StoppingCriteria):
     def __init__(self) -> None:
         self.event = threading.Event()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: object) -> torch.BoolTensor:
-        return torch.full(
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: object
+    ) -> torch.BoolTensor:
+        stop = torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )
+        return cast(torch.BoolTensor, stop)  # torch's tensor subclasses exist in its stubs only
 
 
 class _CountingStreamer(AsyncTextIteratorStreamer):

@@ -36,7 +36,7 @@ from transformers import (
 
 # Special-token ids of facebook/blenderbot-400M-distill; <mask> comes after the vocab.
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+TOKEN_IDS: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 # Generation defaults of facebook/blenderbot-400M-distill.
 BLENDERBOT_GENERATION = {
@@ -78,7 +78,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-TINY_DECODER = {
+TINY_DECODER: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -90,7 +90,9 @@ TINY_DECODER = {
 }
 
 
-def _trained_bpe(vocab_size: int, special_tokens: list[str], prefix_space: bool) -> ByteLevelBPETokenizer:
+def _trained_bpe(
+    vocab_size: int, special_tokens: list[str], prefix_space: bool
+) -> ByteLevelBPETokenizer:
     bpe = ByteLevelBPETokenizer(add_prefix_space=prefix_space)
     bpe.train_from_iterator(
         chitchat_messages(),
@@ -106,9 +108,7 @@ def train_tokenizer(vocab_size: int) -> BlenderbotTokenizer:
     bpe = _trained_bpe(vocab_size, SPECIAL_TOKENS, prefix_space=True)
     model = json.loads(bpe._tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return BlenderbotTokenizer(
-        vocab=model["vocab"], merges=merges, model_max_length=128
-    )
+    return BlenderbotTokenizer(vocab=model["vocab"], merges=merges, model_max_length=128)
 
 
 def build_model(
@@ -158,7 +158,7 @@ def build_tiny_chat_checkpoint(out_dir: str | Path, vocab_size: int = 2000, seed
     """A decoder-only chat checkpoint directory (Llama + ChatML template)."""
     out = Path(out_dir)
     tokenizer = train_chatml_tokenizer(vocab_size)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+    ids: dict[str, Any] = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            [("bos_token_id", "<|im_start|>"), ("eos_token_id", "<|im_end|>"),
             ("pad_token_id", "<|endoftext|>")]}  # fmt: skip
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@ servers on 127.0.0.1 and must neither hang on one nor leave one behind."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -17,9 +18,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(
-    health_url: str, process: subprocess.Popen, timeout_s: float = 120
-) -> None:
+def wait_until_healthy(health_url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
     """Return once ``health_url`` answers 200; fail fast if ``process`` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -42,10 +41,8 @@ def stop_tree(process: subprocess.Popen, grace_s: float = 30) -> None:
     except psutil.NoSuchProcess:
         tree = []
     for proc in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(tree, timeout=grace_s)
     for proc in alive:
         proc.kill()

@@ -16,9 +16,9 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from frontend.client import ChatClient, ServiceError  # noqa: E402
-from frontend.export import to_csv, to_json  # noqa: E402
-from frontend.store import ChatStore, StoredMessage  # noqa: E402
+from frontend.client import ChatClient, ServiceError
+from frontend.export import to_csv, to_json
+from frontend.store import ChatStore, StoredMessage
 
 TRUNCATION_NOTE = "The model only saw the most recent part of this conversation."
 
@@ -83,9 +83,7 @@ def sidebar(
     options = generation_options(info)
 
     st.sidebar.subheader("Conversation")
-    if st.sidebar.button(
-        "Clear conversation", key="clear", icon=":material/add_comment:"
-    ):
+    if st.sidebar.button("Clear conversation", key="clear", icon=":material/add_comment:"):
         open_conversation(db.new_conversation())
         st.rerun()
     st.sidebar.download_button(
@@ -180,12 +178,11 @@ def main() -> None:
     unanswered = bool(messages) and messages[-1].role == "user"
     if unanswered and st.button("Retry", key="retry", icon=":material/refresh:"):
         answer(db, api, conversation, model, options)
-    if text := st.chat_input("Say something…"):
-        if text.strip():
-            db.add(conversation, "user", text)
-            with st.chat_message("user"):
-                st.markdown(text)
-            answer(db, api, conversation, model, options)
+    if (text := st.chat_input("Say something…")) and text.strip():
+        db.add(conversation, "user", text)
+        with st.chat_message("user"):
+            st.markdown(text)
+        answer(db, api, conversation, model, options)
 
 
 main()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devtools.processes import free_port, wait_until_healthy  # noqa: E402
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 CONVERSATION = ["Hi! I just got back from a long hike.", "What should I cook tonight?"]
 START_TIMEOUT_S = 600

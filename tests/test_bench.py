@@ -19,7 +19,8 @@ def test_quick_benchmark_runs_both_servers_and_reports_ratios(tmp_path: Path):
     assert run.returncode == 0, run.stderr[-3000:]
     for workload in ("greedy32-c1", "greedy32-c8", "greedy32-c32"):
         assert f"speedup {workload}: " in run.stdout
-    assert "decode efficiency:" in run.stdout and "peak RSS baseline" in run.stdout
+    assert "decode efficiency:" in run.stdout
+    assert "peak RSS baseline" in run.stdout
     (results,) = tmp_path.glob("*-tiny-quick.json")
     data = json.loads(results.read_text())
     assert {r["server"] for r in data["results"]} == {"service", "baseline"}

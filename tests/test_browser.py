@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,9 +57,7 @@ def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
-        )
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 
@@ -104,4 +102,5 @@ def test_chat_reload_and_download_in_a_real_browser(chat_page, browser, tmp_path
     rows = list(csv.DictReader(io.StringIO(saved.read_text(encoding="utf-8-sig"))))
     assert [(r["turn"], r["role"]) for r in rows] == [("1", "user"), ("2", "assistant")]
     assert rows[0]["text"] == "Hello from Chromium! Ça va? 👋"
-    assert rows[1]["text"].strip() and rows[1]["text"].split()[0] in thread[1]
+    assert rows[1]["text"].strip()
+    assert rows[1]["text"].split()[0] in thread[1]

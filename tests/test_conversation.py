@@ -70,9 +70,7 @@ def test_text_layout():
 
 def test_long_history_keeps_the_newest_tokens_and_says_so(real_tokenizer):
     history = [user(f"message number {i} about my dog") for i in range(40)]
-    full = real_tokenizer(
-        conversation_text(history), add_special_tokens=False
-    ).input_ids + [2]
+    full = [*real_tokenizer(conversation_text(history), add_special_tokens=False).input_ids, 2]
     encoded = encode_conversation(real_tokenizer, history, WINDOW)
     assert len(full) > WINDOW
     assert encoded.input_ids == full[-WINDOW:]

@@ -24,9 +24,11 @@ LOOKALIKES = ["</s>", "<s>", "<pad>", "<unk>", "<mask>", "__start__", "<|endofte
 
 # Any unicode (no lone surrogates: JSON bodies cannot carry them as text), with
 # special-token look-alikes mixed in, from empty to the longest message allowed.
-text = st.lists(
-    st.one_of(st.text(max_size=300), st.sampled_from(LOOKALIKES)), max_size=12
-).map("".join).filter(lambda t: len(t) <= MAX_MESSAGE_CHARS)
+text = (
+    st.lists(st.one_of(st.text(max_size=300), st.sampled_from(LOOKALIKES)), max_size=12)
+    .map("".join)
+    .filter(lambda t: len(t) <= MAX_MESSAGE_CHARS)
+)
 user_text = text.filter(lambda t: t.strip())
 
 
@@ -63,7 +65,7 @@ LONG = [
 @PROPERTY_SETTINGS
 @given(messages=conversations())
 @example(messages=LONG)  # the newest turn alone overflows the window
-@example(messages=LONG[:2] + [Message(role="user", content="short")])
+@example(messages=[*LONG[:2], Message(role="user", content="short")])
 def test_conversation_input_properties(tokenizer: PreTrainedTokenizerBase, messages):
     encoded = encode_conversation(tokenizer, messages, WINDOW)
     ids = encoded.input_ids

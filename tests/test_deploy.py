@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import Future
-from pathlib import Path
 
 import cattrs
 import httpx
@@ -18,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
-
 from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage, build_bento
+
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -82,7 +79,9 @@ def test_service_and_page_take_the_same_optional_api_key_secret():
         for env in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         if env["name"] == "CHATBOT_API_KEY"
     ]
-    assert len(refs) == 2 and refs[0] == refs[1] and refs[0]["optional"] is True
+    assert len(refs) == 2
+    assert refs[0] == refs[1]
+    assert refs[0]["optional"] is True
 
 
 def bentocloud_config() -> dict:
@@ -91,9 +90,7 @@ def bentocloud_config() -> dict:
 
 def as_deployment(config: dict) -> CreateDeploymentSchema:
     """BentoML's own deployment schema, refusing keys it does not know."""
-    return cattrs.Converter(forbid_extra_keys=True).structure(
-        config, CreateDeploymentSchema
-    )
+    return cattrs.Converter(forbid_extra_keys=True).structure(config, CreateDeploymentSchema)
 
 
 def test_bentocloud_config_matches_bentomls_schema():
@@ -108,7 +105,8 @@ def test_bentocloud_config_matches_bentomls_schema():
 def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
     wait_until_healthy(f"{url}/readyz", process)
     reply = httpx.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
-    assert reply.status_code == 200 and isinstance(reply.json(), str)
+    assert reply.status_code == 200
+    assert isinstance(reply.json(), str)
 
 
 def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
@@ -126,7 +124,10 @@ def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.last  # its build ran in the background meanwhile (conftest.image_build)
-@pytest.mark.skipif(not CAN_BUILD_IMAGES, reason="building an image without Docker needs root, buildah and debootstrap")
+@pytest.mark.skipif(
+    not CAN_BUILD_IMAGES,
+    reason="building an image without Docker needs root, buildah and debootstrap",
+)
 def test_the_image_built_from_the_bento_answers_a_chat(image_build: Future[BuiltImage]):
     """``make image`` without Docker: buildah builds, ``buildah run`` starts it."""
     image = image_build.result()

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from test_engine import request
 from transformers import AutoConfig, AutoTokenizer
 
 from chatbot.chat_template import encode_chat
 from chatbot.engine import ChatEngine
 from chatbot.families import UnsupportedModel, detect_family
 from chatbot.schemas import ChatRequest, Message
-from test_engine import request
 
 PROMPTS = [
     "Hello, how are you today?",
@@ -66,9 +66,11 @@ def test_truncation_drops_the_oldest_turns_whole_and_keeps_the_system_message(
     ]
     encoded = encode_chat(chat_engine.tokenizer, [system, *turns], window=200)
     text = chat_engine.tokenizer.decode(encoded.input_ids)
-    assert encoded.truncated and len(encoded.input_ids) <= 200
+    assert encoded.truncated
+    assert len(encoded.input_ids) <= 200
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
-    assert "turn 40 " in text and "turn 0 " not in text
+    assert "turn 40 " in text
+    assert "turn 0 " not in text
     assert text.count("<|im_start|>") == text.count("<|im_end|>") + 1  # whole turns only
 
 
@@ -76,7 +78,8 @@ def test_a_newest_message_longer_than_the_window_keeps_its_end(chat_engine: Chat
     encoded = encode_chat(
         chat_engine.tokenizer, [Message(role="user", content="blah " * 400 + "THE END")], window=64
     )
-    assert encoded.truncated and len(encoded.input_ids) == 64
+    assert encoded.truncated
+    assert len(encoded.input_ids) == 64
     assert "THE END" in chat_engine.tokenizer.decode(encoded.input_ids)
 
 

@@ -43,10 +43,12 @@ def say(page: AppTest, text: str) -> AppTest:
 
 def test_a_message_gets_a_reply_that_survives_a_reload(page_env):
     page = say(open_page(), "Hello there! 👋 Ça va?")
-    assert not page.exception and not page.error
+    assert not page.exception
+    assert not page.error
     (user, said), (bot, reply) = thread(page)
     assert (user, said) == ("user", "Hello there! 👋 Ça va?")
-    assert bot == "assistant" and reply
+    assert bot == "assistant"
+    assert reply
 
     reloaded = open_page(page.query_params["c"][0])
     assert thread(reloaded) == thread(page)
@@ -66,7 +68,8 @@ def test_greedy_and_sampled_replies_stream_in_and_are_kept(page_env, server):
     page = open_page()
     page.sidebar.slider[1].set_value(1).run()  # one beam: greedy decoding streams
     page = say(page, "Tell me about your dog.")
-    assert not page.exception and not page.error
+    assert not page.exception
+    assert not page.error
     (_, reply) = thread(page)[-1]
     whole = httpx.post(f"{server}/respond", json={
         "messages": [{"role": "user", "content": "Tell me about your dog."}],
@@ -75,7 +78,9 @@ def test_greedy_and_sampled_replies_stream_in_and_are_kept(page_env, server):
     assert thread(open_page(page.query_params["c"][0])) == thread(page)
     page.sidebar.radio[0].set_value("Sampling").run()
     page = say(page, "And your cat?")
-    assert not page.error and len(thread(page)) == 4 and thread(page)[-1][1]
+    assert not page.error
+    assert len(thread(page)) == 4
+    assert thread(page)[-1][1]
 
 
 def test_clear_conversation_starts_a_new_thread_and_keeps_the_old(page_env):
@@ -91,7 +96,9 @@ def test_past_conversations_can_be_deleted(page_env):
     page = say(open_page(), "to be deleted")
     conversation = int(page.query_params["c"][0])
     page.sidebar.button(key=f"delete-{conversation}").click().run()
-    assert conversation not in [c.id for c in ChatStore(page_env / "conversations.sqlite3").conversations()]
+    assert conversation not in [
+        c.id for c in ChatStore(page_env / "conversations.sqlite3").conversations()
+    ]
 
 
 def test_a_down_service_is_explained_and_the_message_kept(page_env, server, monkeypatch):
@@ -120,7 +127,7 @@ def test_truncation_is_shown(page_env):
 def test_exports_keep_every_message_and_unicode(tmp_path):
     db = ChatStore(tmp_path / "c.sqlite3")
     conversation = db.new_conversation()
-    db.add(conversation, "user", "Grüße, 世界 👋, \"quoted\", comma")
+    db.add(conversation, "user", 'Grüße, 世界 👋, "quoted", comma')
     db.add(conversation, "assistant", "line one\nline two")
     messages = db.messages(conversation)
 
@@ -128,7 +135,7 @@ def test_exports_keep_every_message_and_unicode(tmp_path):
     assert data.startswith(b"\xef\xbb\xbf")  # BOM: spreadsheets read UTF-8
     rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
     assert [(r["turn"], r["role"], r["text"]) for r in rows] == [
-        ("1", "user", "Grüße, 世界 👋, \"quoted\", comma"),
+        ("1", "user", 'Grüße, 世界 👋, "quoted", comma'),
         ("2", "assistant", "line one\nline two"),
     ]
     assert all(r["timestamp"] for r in rows)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 EXAMPLES_PER_OPERATION = 100
@@ -44,7 +44,7 @@ def test_every_operation_in_the_spec_is_fuzzed(api_schema):
 
 
 @pytest.mark.parametrize(
-    "operation, mode",
+    ("operation", "mode"),
     [(op, GenerationMode.POSITIVE) for op in FUZZED]
     + [(op, GenerationMode.NEGATIVE) for op in FUZZED if op.startswith("POST")],
 )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatbot.settings import DEFAULT_MODEL, store_name_for
 from conftest import import_model, offline_env
+
+from chatbot.settings import DEFAULT_MODEL, store_name_for
 
 
 def test_a_local_checkpoint_is_imported_once(tiny_checkpoint: Path, tmp_path: Path):
@@ -29,7 +30,8 @@ def test_an_unreachable_hub_model_gets_a_clear_message(tmp_path: Path):
     assert "Traceback" not in result.stderr
     message = result.stderr.strip()
     assert message.startswith(f"error: Cannot load the model '{DEFAULT_MODEL}'")
-    assert "CHATBOT_MODEL" in message and "\n" not in message
+    assert "CHATBOT_MODEL" in message
+    assert "\n" not in message
 
 
 def test_store_names(tmp_path: Path):

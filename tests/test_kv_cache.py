@@ -39,10 +39,12 @@ def test_a_reply_layer_holds_what_a_dynamic_layer_holds(capacity: int):
             ours.reorder_cache(parents)
             theirs.reorder_cache(parents)
         assert ours.get_seq_length() == theirs.get_seq_length()
-        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert torch.equal(ours.keys, theirs.keys)
+        assert torch.equal(ours.values, theirs.values)
     ours.crop(-3)
     theirs.crop(-3)
-    assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == 6
+    assert torch.equal(ours.keys, theirs.keys)
+    assert ours.get_seq_length() == 6
 
 
 def test_beam_search_never_moves_the_cross_attention_half():

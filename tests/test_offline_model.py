@@ -92,5 +92,6 @@ def test_the_chat_page_says_so_and_streams_the_answer(
     page = AppTest.from_file(str(ROOT / "frontend" / "app.py"), default_timeout=120).run()
     assert NOTE in [box.value for box in page.sidebar.info]
     page.chat_input[0].set_value("What is the capital of France?").run()
-    assert not page.exception and not page.error
+    assert not page.exception
+    assert not page.error
     assert "Paris" in page.chat_message[-1].markdown[0].value

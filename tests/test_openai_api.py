@@ -141,7 +141,7 @@ def test_whole_replies_share_the_adaptive_batches(server):
 
 
 @pytest.mark.parametrize(
-    "change, error, message",
+    ("change", "error", "message"),
     [
         ({"n": 2}, openai.BadRequestError, "n"),
         ({"stream": True, "extra_body": {"num_beams": 4}}, openai.BadRequestError,

@@ -58,7 +58,10 @@ def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoin
     assert sum(type(m) is PackedLinear for m in packed.model.modules()) == sum(
         type(m) is nn.Linear for m in stock.model.modules()
     )
-    inputs = {"input_ids": torch.tensor([[5, 17, 42, 2]]), "decoder_input_ids": torch.tensor([[1, 9]])}
+    inputs = {
+        "input_ids": torch.tensor([[5, 17, 42, 2]]),
+        "decoder_input_ids": torch.tensor([[1, 9]]),
+    }
     with torch.inference_mode():
         torch.testing.assert_close(
             packed.model(**inputs).logits, stock.model(**inputs).logits, rtol=1e-4, atol=1e-4
@@ -68,7 +71,8 @@ def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoin
 def test_packing_leaves_other_dtypes_alone():
     model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 8))
     assert pack_linear_layers(model) == 1
-    assert type(model[0]) is nn.Linear and type(model[1]) is PackedLinear
+    assert type(model[0]) is nn.Linear
+    assert type(model[1]) is PackedLinear
 
 
 def test_skipping_padding_keeps_every_real_positions_output(engine: ChatEngine):

@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import ROOT, ModelStore, serving
 from torch import nn
 
 from chatbot.engine import ChatEngine, pick_dtype
 from chatbot.packed_linear import PackedLinear
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
-from conftest import ROOT, ModelStore, serving
 
 GREEDY = {"num_beams": 1, "max_new_tokens": 8}
 
@@ -48,7 +48,8 @@ def test_a_bfloat16_engine_keeps_its_layers_unpacked_and_answers(tiny_checkpoint
     assert (info.device, info.dtype) == ("cpu", "bfloat16")
     messages = [{"role": "user", "content": "Hello, how are you today?"}]
     (reply,) = engine.generate([ChatRequest(messages=messages, **GREEDY)])
-    assert 1 <= reply.completion_tokens <= 8 and reply.model == "tiny-bf16"
+    assert 1 <= reply.completion_tokens <= 8
+    assert reply.model == "tiny-bf16"
 
 
 def test_the_service_serves_the_precision_it_is_told(model_store: ModelStore, tmp_path: Path):
@@ -60,7 +61,8 @@ def test_the_service_serves_the_precision_it_is_told(model_store: ModelStore, tm
             json={"messages": [{"role": "user", "content": "hi"}], **GREEDY},
             timeout=60,
         )
-        assert answer.status_code == 200 and answer.json()["completion_tokens"] >= 1
+        assert answer.status_code == 200
+        assert answer.json()["completion_tokens"] >= 1
 
 
 def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):

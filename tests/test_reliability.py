@@ -70,7 +70,9 @@ def guarded(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def single_slot(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def single_slot(
+    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """A server with an API key that answers one request at a time (no short timeout,
     so the chat page's back-off can be watched from start to success)."""
     with serving(
@@ -81,9 +83,7 @@ def single_slot(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactor
 
 
 def authorized(served: Served) -> httpx.Client:
-    return httpx.Client(
-        base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
-    )
+    return httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
 
 def until_served(client: httpx.Client, attempts: int = 20) -> httpx.Response:
@@ -100,16 +100,14 @@ def until_served(client: httpx.Client, attempts: int = 20) -> httpx.Response:
 
 
 @pytest.mark.parametrize(
-    "method, route",
+    ("method", "route"),
     [("POST", "/respond"), ("POST", "/chat"), ("POST", "/generate"), ("POST", "/info"),
      ("POST", "/v1/chat/completions"), ("GET", "/v1/models")],
 )  # fmt: skip
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", KEY, f"Basic {KEY}"])
 def test_every_api_route_needs_the_bearer_key(guarded, method, route, authorization):
     headers = {"Authorization": authorization} if authorization else {}
-    response = httpx.request(
-        method, f"{guarded.url}{route}", json={}, headers=headers, timeout=30
-    )
+    response = httpx.request(method, f"{guarded.url}{route}", json={}, headers=headers, timeout=30)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert "Authorization: Bearer" in response.json()["error"]
@@ -138,8 +136,10 @@ def test_one_structured_log_line_per_request_without_text_or_key(guarded):
     assert response.headers["X-Request-ID"]
     line = logged(guarded, "trace-me-42")
     log = guarded.log.read_text(errors="replace")
-    assert marker not in log and KEY not in log
-    assert line["path"] == "/respond" and line["status"] == mine.status_code
+    assert marker not in log
+    assert KEY not in log
+    assert line["path"] == "/respond"
+    assert line["status"] == mine.status_code
     assert line["latency_ms"] > 0
     if mine.status_code == 200:
         assert line["completion_tokens"] == mine.json()["completion_tokens"] > 0
@@ -170,7 +170,8 @@ def test_an_oversized_body_is_refused_before_any_model_work(guarded):
         assert "CHATBOT_MAX_BODY_BYTES" in response.json()["error"]
     for request_id in ("big-declared", "big-streamed"):
         line = logged(guarded, request_id)
-        assert line["status"] == 413 and line["completion_tokens"] == 0
+        assert line["status"] == 413
+        assert line["completion_tokens"] == 0
 
 
 # --- overload and timeouts ----------------------------------------------------------
@@ -223,18 +224,33 @@ def _soak_request(i: int) -> tuple[str, dict | bytes, bool]:
     if kind < 6:
         return "/respond", chat(text, num_beams=1, max_new_tokens=rng.randint(1, 8)), True
     if kind == 6 and i % 50 == 6:  # the legacy route: the model's default 10 beams
-        return "/chat", {"user_input": text, "past_user_inputs": [], "generated_responses": []}, True
+        return (
+            "/chat",
+            {"user_input": text, "past_user_inputs": [], "generated_responses": []},
+            True,
+        )
     if kind == 6:
         return "/respond", chat(text, num_beams=2, max_new_tokens=8), True
     if kind == 7:
-        bad = rng.choice([{"messages": []}, chat(text, max_new_tokens=500), chat(text, num_beams=0),
-                          {"messages": [{"role": "system", "content": text}]}, chat("   ")])  # fmt: skip
+        bad = rng.choice(
+            [
+                {"messages": []},
+                chat(text, max_new_tokens=500),
+                chat(text, num_beams=0),
+                {"messages": [{"role": "system", "content": text}]},
+                chat("   "),
+            ]
+        )
         return "/respond", bad, False
     if kind == 8:
         return "/respond", rng.choice([b"{not json", b"", b"[1, 2]", b'{"messages": "hi"}']), False
     if i % 100 == 9:
         return "/respond", json.dumps(chat("y" * 1_200_000)).encode(), False
-    return "/chat", {"user_input": text, "past_user_inputs": ["a"], "generated_responses": []}, False
+    return (
+        "/chat",
+        {"user_input": text, "past_user_inputs": ["a"], "generated_responses": []},
+        False,
+    )
 
 
 def test_soak_2000_mixed_requests_at_concurrency_64(served: Served):
@@ -264,7 +280,9 @@ def test_soak_2000_mixed_requests_at_concurrency_64(served: Served):
                     if valid:
                         statuses["valid answered" if code == 200 else f"valid got {code}"] += 1
                     else:
-                        statuses["invalid refused 4xx" if 400 <= code < 500 else f"invalid got {code}"] += 1
+                        statuses[
+                            "invalid refused 4xx" if 400 <= code < 500 else f"invalid got {code}"
+                        ] += 1
                 if i == warm_up:
                     memory["after warm-up"] = tree_rss(served.process.pid)
 
@@ -291,7 +309,9 @@ def test_clients_that_leave_mid_request_break_neither_their_batch_nor_the_server
                 httpx.AsyncClient(base_url=served.url, timeout=0.05) as impatient:  # fmt: skip
             stay = [patient.post("/respond", json=payload) for _ in range(6)]
             leave = [impatient.post("/respond", json=payload) for _ in range(6)]
-            return await asyncio.gather(asyncio.gather(*stay), asyncio.gather(*leave, return_exceptions=True))
+            return await asyncio.gather(
+                asyncio.gather(*stay), asyncio.gather(*leave, return_exceptions=True)
+            )
 
     stayed, left = asyncio.run(run())
     assert all(isinstance(r, httpx.TimeoutException) for r in left)
@@ -330,7 +350,9 @@ def test_a_pipelined_request_does_not_ride_on_the_previous_ones_key(guarded):
 
     with authorized(guarded) as client:
         until_served(client)
-    with socket.create_connection(("127.0.0.1", int(guarded.url.rsplit(":", 1)[1])), timeout=30) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", int(guarded.url.rsplit(":", 1)[1])), timeout=30
+    ) as sock:
         sock.sendall(raw("piped-with-key", KEY) + raw("piped-without-key", None))
         received = b""
         while received.count(b"HTTP/1.1 ") < 2:
@@ -370,7 +392,8 @@ def test_the_page_client_sends_the_key_and_backs_off_while_busy(single_slot, mon
     waits: list[float] = []
     with occupied(single_slot):
         reply = client.respond([{"role": "user", "content": "hi"}], on_busy=waits.append, **FAST)
-    assert waits and all(w >= 1 for w in waits)  # it waited as told by Retry-After
+    assert waits
+    assert all(w >= 1 for w in waits)
     assert reply["completion_tokens"] >= 1
     with pytest.raises(ServiceError, match="401"):
         ChatClient(url=single_slot.url).info()
@@ -385,5 +408,6 @@ def test_the_page_tells_the_user_when_the_service_is_busy(single_slot, tmp_path,
     with occupied(single_slot):
         page = page.chat_input[0].set_value("are you there?").run()
     (error,) = page.error
-    assert "busy" in error.value and "Retry" in error.value
+    assert "busy" in error.value
+    assert "Retry" in error.value
     assert [m.markdown[0].value for m in page.chat_message if m.markdown] == ["are you there?"]

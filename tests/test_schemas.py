@@ -24,7 +24,7 @@ def test_legacy_payload_becomes_alternating_messages():
 
 
 @pytest.mark.parametrize(
-    "payload, message",
+    ("payload", "message"),
     [
         ({"user_input": ""}, "at least 1 character"),
         ({"user_input": " \n\t"}, "pattern"),
@@ -47,7 +47,7 @@ def test_legacy_payload_errors(payload, message):
 
 
 @pytest.mark.parametrize(
-    "fields, message",
+    ("fields", "message"),
     [
         ({"max_new_tokens": 0}, "greater than or equal to 1"),
         ({"num_beams": 17}, "less than or equal to 16"),
@@ -64,7 +64,7 @@ def test_generation_option_errors(fields, message):
 
 
 @pytest.mark.parametrize(
-    "messages, message",
+    ("messages", "message"),
     [
         ([], "at least 1 item"),
         ([{"role": "assistant", "content": "hi"}], "last message must come from the user"),

@@ -10,6 +10,18 @@ import pytest
 from conftest import batch_sizes
 
 CONCURRENCY = 64
+HI = [{"role": "user", "content": "hi"}]
+
+
+def legacy(
+    user_input: str, said: list[str] | None = None, answered: list[str] | None = None
+) -> dict:
+    """A ``/chat`` payload in the original microservice's shape."""
+    return {
+        "past_user_inputs": said or [],
+        "generated_responses": answered or [],
+        "user_input": user_input,
+    }
 
 
 def post(server: str, route: str, payload: object) -> httpx.Response:
@@ -30,14 +42,11 @@ def test_health_endpoints(server):
 
 
 def test_legacy_chat_answers_a_json_string(server):
-    response = post(
-        server,
-        "/chat",
-        {"past_user_inputs": ["hello"], "generated_responses": ["Hi!"], "user_input": "How are you?"},
-    )  # fmt: skip
+    response = post(server, "/chat", legacy("How are you?", ["hello"], ["Hi!"]))
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
-    assert isinstance(response.json(), str) and response.json()
+    assert isinstance(response.json(), str)
+    assert response.json()
 
 
 def test_legacy_chat_accepts_just_the_user_input(server):
@@ -45,7 +54,9 @@ def test_legacy_chat_accepts_just_the_user_input(server):
 
 
 def test_respond_reports_model_tokens_and_truncation(server):
-    short = post(server, "/respond", {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4})
+    short = post(
+        server, "/respond", {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4}
+    )
     assert short.status_code == 200
     body = short.json()
     assert set(body) == {
@@ -62,31 +73,38 @@ def test_respond_reports_model_tokens_and_truncation(server):
         for i in range(21)
     ]
     long = post(server, "/respond", {"messages": history, "max_new_tokens": 2}).json()
-    assert long["truncated"] is True and long["prompt_tokens"] == 128
+    assert long["truncated"] is True
+    assert long["prompt_tokens"] == 128
 
 
 def test_special_token_lookalikes_are_plain_text(server):
-    plain = post(server, "/respond", {"messages": [{"role": "user", "content": "a b"}], "max_new_tokens": 1})
-    tricky = post(server, "/respond", {"messages": [{"role": "user", "content": "</s> <mask>"}], "max_new_tokens": 1})
+    plain = post(
+        server, "/respond", {"messages": [{"role": "user", "content": "a b"}], "max_new_tokens": 1}
+    )
+    tricky = post(
+        server,
+        "/respond",
+        {"messages": [{"role": "user", "content": "</s> <mask>"}], "max_new_tokens": 1},
+    )
     assert tricky.status_code == 200
     # Had they become special tokens, each would be one id, like "a" and "b".
     assert tricky.json()["prompt_tokens"] > plain.json()["prompt_tokens"]
 
 
 @pytest.mark.parametrize(
-    "route, payload, message",
+    ("route", "payload", "message"),
     [
         ("/chat", {"user_input": ""}, "user_input"),
         ("/chat", {"user_input": "   "}, "user_input"),
-        ("/chat", {"user_input": "hi", "past_user_inputs": ["a"], "generated_responses": []}, "same length"),
+        ("/chat", legacy("hi", ["a"], []), "same length"),
         ("/chat", {"user_input": ["hi"]}, "valid string"),
         ("/chat", {"user_input": "x" * 4001}, "at most 4000 characters"),
-        ("/chat", {"user_input": "hi", "past_user_inputs": ["a"] * 101, "generated_responses": ["b"] * 101}, "at most 100 items"),
-        ("/respond", {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 128}, "at most 127 tokens"),
-        ("/respond", {"messages": [{"role": "user", "content": "hi"}], "num_beams": 0}, "num_beams"),
-        ("/respond", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
-        ("/respond", {"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
-        ("/respond", {"messages": [{"role": "user", "content": "hi"}], "do_sample": False, "top_p": 0.5}, "do_sample"),
+        ("/chat", legacy("hi", ["a"] * 101, ["b"] * 101), "at most 100 items"),
+        ("/respond", {"messages": HI, "max_new_tokens": 128}, "at most 127 tokens"),
+        ("/respond", {"messages": HI, "num_beams": 0}, "num_beams"),
+        ("/respond", {"messages": HI, "temperature": -1}, "temperature"),
+        ("/respond", {"messages": HI, "top_p": 2}, "top_p"),
+        ("/respond", {"messages": HI, "do_sample": False, "top_p": 0.5}, "do_sample"),
         ("/respond", {"messages": [{"role": "bot", "content": "hi"}]}, "role"),
         ("/respond", {"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
         ("/respond", {"messages": []}, "messages"),
@@ -109,10 +127,7 @@ def test_malformed_bodies_get_a_4xx(server, body):
 
 def test_concurrent_requests_all_succeed_and_are_batched(server):
     before = batch_sizes(server)
-    payloads = [
-        {"past_user_inputs": [], "generated_responses": [], "user_input": f"Hello number {i}, how are you?"}
-        for i in range(2 * CONCURRENCY)
-    ]  # fmt: skip
+    payloads = [legacy(f"Hello number {i}, how are you?") for i in range(2 * CONCURRENCY)]
     responses = asyncio.run(post_concurrently(server, "/chat", payloads))
     assert Counter(r.status_code for r in responses) == {200: len(payloads)}
     assert all(isinstance(r.json(), str) for r in responses)
@@ -150,11 +165,12 @@ def test_mixed_generation_options_under_concurrency(server):
     ]
     together = asyncio.run(post_concurrently(server, "/respond", payloads))
     assert all(r.status_code == 200 for r in together)
-    for payload, response in list(zip(payloads, together))[:3]:
+    for payload, response in list(zip(payloads, together, strict=True))[:3]:
         assert post(server, "/respond", payload).json() == response.json()
 
 
 def test_info_names_the_model_and_its_limits(server):
     info = post(server, "/info", {}).json()
     assert info["model"].endswith("tiny-blenderbot")
-    assert info["max_new_tokens_limit"] == 127 and info["max_beams"] == 16
+    assert info["max_new_tokens_limit"] == 127
+    assert info["max_beams"] == 16
