@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser container-tools test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench
+.PHONY: help install browser container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,8 +33,18 @@ container-tools:  ## install Debian's buildah and debootstrap for `make image` w
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; } \
 	  || echo "warning: could not install buildah/debootstrap; the image test will be skipped"; }
 
-test: install browser container-tools  ## run the whole offline test suite
-	$(PY) -m pytest
+check: install  ## lint, format, types, then the tests that start no server (under 2 minutes)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -m "not server"
+
+fix: install  ## apply ruff's safe fixes and its formatting to the whole tree
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: check browser container-tools  ## the whole offline suite: `make check`, then the server layer
+	PY=$(PY) scripts/test_lanes.sh
 
 run: install  ## the service and the chat page together (Ctrl-C stops both)
 	VENV=$(VENV) PORT=$(PORT) scripts/run.sh

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny offline Blenderbot, its engine, and a real server on it."""
+"""Shared fixtures: a tiny offline Blenderbot, its engine, and a real server on it;
+the test layers (markers) and the slow work that runs in the background."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,13 +18,27 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from chatbot.engine import ChatEngine
+from chatbot.offline_model import offline_model_path
 from chatbot.tiny_model import build_tiny_chat_checkpoint, build_tiny_checkpoint
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_TOKENIZER = ROOT.parent / "shared" / "blenderbot-tokenizer" / "blenderbot-400M-distill"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One compute thread per process, this one and every server it starts.
+
+    The suite runs several processes at once on two cores (a server and its client,
+    builds in the background). A tiny model gains nothing from a second thread, and an
+    OpenMP thread that waits on a preempted sibling spins: measured with one busy core
+    beside it, 24 concurrent replies took 2.69 s with two threads and 0.70 s with one.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +104,12 @@ class Served:
     process: subprocess.Popen
     log: Path
 
+    def ready(self) -> Served:
+        """Wait until it answers (it may have been started early)."""
+        assert_in_server_layer()
+        wait_until_healthy(f"{self.url}/readyz", self.process)
+        return self
+
 
 def stored(model: Path, home: Path) -> ModelStore:
     """A BentoML home holding ``model`` (a checkpoint directory or GGUF file)."""
@@ -109,10 +131,9 @@ def chat_model_store(
     return stored(tiny_chat_checkpoint, tmp_path_factory.mktemp("bentoml-home"))
 
 
-@contextmanager
-def serving(store: ModelStore, log_dir: Path, **settings: str) -> Iterator[Served]:
-    """The real ``bentoml serve`` on the stored tiny model, bound to 127.0.0.1 only,
-    with extra environment ``settings``; stopped (whole process tree) on exit.
+def start_server(store: ModelStore, log_dir: Path, **settings: str) -> Served:
+    """The real ``bentoml serve`` on a stored model, bound to 127.0.0.1 only, with
+    extra environment ``settings``; started, not yet ready (``Served.ready``).
 
     Each server gets its own BentoML home (its metrics directory is wiped at start)
     whose model store links to the shared one.
@@ -129,19 +150,101 @@ def serving(store: ModelStore, log_dir: Path, **settings: str) -> Iterator[Serve
             cwd=ROOT, env={**store.env, "BENTOML_HOME": str(home), **settings},
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_healthy(f"{url}/readyz", process)
-            yield Served(url, process, log_path)
-        finally:
-            stop_tree(process)
+    return Served(f"http://127.0.0.1:{port}", process, log_path)
+
+
+@contextmanager
+def serving(store: ModelStore, log_dir: Path, **settings: str) -> Iterator[Served]:
+    """``start_server``, ready; stopped (whole process tree) on exit."""
+    running = start_server(store, log_dir, **settings)
+    try:
+        yield running.ready()
+    finally:
+        stop_tree(running.process)
+
+
+# --- the servers the suite shares -----------------------------------------------------------
+# Starting ``bentoml serve`` takes 15 to 25 s, mostly one core importing torch and
+# transformers. Each server below starts as the session starts, if a selected test
+# needs it, so those starts overlap each other and the first tests; a test waits only
+# for the one it uses to be ready. Idle, they cost memory only.
+
+API_KEY = "test-key-4f1c9a"  # a made-up key: the tests look for it in the logs
+SHARED_SERVERS: dict[str, tuple[str, dict[str, str]]] = {  # name: (model store, settings)
+    # The default settings, for every test that only reads from the service.
+    "served": ("model_store", {}),
+    # The tiny decoder-only chat model (Llama + ChatML template).
+    "chat_model": ("chat_model_store", {}),
+    # An API key, room for 2 requests at a time, a 0.5 s timeout.
+    "guarded": (
+        "model_store",
+        {"CHATBOT_API_KEY": API_KEY, "CHATBOT_MAX_CONCURRENCY": "2", "CHATBOT_TIMEOUT_S": "0.5"},
+    ),
+    # An API key and one request at a time, no short timeout (so the chat page's
+    # back-off can be watched from start to success).
+    "single_slot": ("model_store", {"CHATBOT_API_KEY": API_KEY, "CHATBOT_MAX_CONCURRENCY": "1"}),
+    "bfloat16_served": ("model_store", {"CHATBOT_DTYPE": "bfloat16"}),
+    # Default settings, for the one test that stops it.
+    "served_to_stop": ("model_store", {}),
+}
+
+
+class Servers:
+    """The shared servers, each started once (early, see above) and stopped at the end."""
+
+    def __init__(self, request: pytest.FixtureRequest, logs: pytest.TempPathFactory) -> None:
+        self.request, self.logs, self.started = request, logs, dict[str, Served]()
+
+    def start(self, name: str) -> Served:
+        if name not in self.started:
+            store_fixture, settings = SHARED_SERVERS[name]
+            store = self.request.getfixturevalue(store_fixture)
+            self.started[name] = start_server(store, self.logs.mktemp(name), **settings)
+        return self.started[name]
+
+    def stop_all(self) -> None:
+        """All at once: each may take its grace period to finish what it is doing."""
+        with ThreadPoolExecutor() as pool:
+            list(pool.map(stop_tree, [running.process for running in self.started.values()]))
 
 
 @pytest.fixture(scope="session")
-def served(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The service with its default settings, shared by the session."""
-    with serving(model_store, tmp_path_factory.mktemp("served")) as running:
-        yield running
+def servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Servers]:
+    shared = Servers(request, tmp_path_factory)
+    yield shared
+    shared.stop_all()
+
+
+@pytest.fixture(scope="session")
+def served(servers: Servers) -> Served:
+    return servers.start("served").ready()
+
+
+@pytest.fixture(scope="session")
+def chat_model(servers: Servers) -> Served:
+    return servers.start("chat_model").ready()
+
+
+@pytest.fixture(scope="session")
+def guarded(servers: Servers) -> Served:
+    return servers.start("guarded").ready()
+
+
+@pytest.fixture(scope="session")
+def single_slot(servers: Servers) -> Served:
+    return servers.start("single_slot").ready()
+
+
+@pytest.fixture(scope="session")
+def bfloat16_served(servers: Servers) -> Served:
+    return servers.start("bfloat16_served").ready()
+
+
+@pytest.fixture
+def served_to_stop(servers: Servers) -> Served:
+    return servers.start("served_to_stop").ready()
 
 
 @pytest.fixture(scope="session")
@@ -183,13 +286,149 @@ def build_bento(
     return env, build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
 
 
-# --- the container image, built in the background ---------------------------------------
+def in_progress(url: str, endpoint: str) -> int:
+    """Requests to ``endpoint`` that the server at ``url`` is answering right now."""
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.search(
+        rf'bentoml_service_request_in_progress{{endpoint="{re.escape(endpoint)}"[^}}]*}} ([\d.]+)',
+        metrics,
+    )
+    return int(float(found.group(1))) if found else 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds: a test waits for a state, never for a guessed
+    time, so a busy machine makes it slower, not wrong."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout_s:.0f} s for {what}"
+        time.sleep(0.05)
+
+
+# --- slow work in the background ----------------------------------------------------------
+# Building the Bento, the image and the offline model's store, and the benchmark's smoke
+# run, take minutes of mostly waiting (downloads, disk, process start-ups) and share no
+# state or measurement with the other tests. Each starts in a background thread when the
+# session starts, if a selected test needs it; the tests that use them are marked
+# ``last``, so by then the work is done.
+
+
+@pytest.fixture(scope="session")
+def background() -> Iterator[ThreadPoolExecutor]:
+    """Two threads: the image build, which takes longest, and the rest in turn."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="background") as pool:
+        yield pool
+        pool.shutdown(cancel_futures=True)
+
 
 CAN_BUILD_IMAGES = bool(
     os.geteuid() == 0 and shutil.which("buildah") and shutil.which("debootstrap")
 )
+OFFLINE_MODEL = offline_model_path()
+BACKGROUND_JOBS = {  # in the order they start, each with whether it can run here
+    "image_build": CAN_BUILD_IMAGES,
+    "offline_run": OFFLINE_MODEL is not None,
+    "bento_build": True,
+    "bench_run": True,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_early(request: pytest.FixtureRequest) -> None:
+    """Start the shared servers, then the background jobs, that selected tests need."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    for name in [name for name in SHARED_SERVERS if name in needed]:
+        request.getfixturevalue("servers").start(name)
+    for job, possible in BACKGROUND_JOBS.items():
+        if possible and job in needed:
+            request.getfixturevalue(job)
+
+
+@dataclass(frozen=True)
+class MakeRun:
+    url: str
+    page_url: str
+    process: subprocess.Popen
+    log: Path
+
+    def ready(self) -> MakeRun:
+        assert_in_server_layer()
+        wait_until_healthy(f"{self.url}/readyz", self.process, timeout_s=300)
+        wait_until_healthy(f"{self.page_url}/_stcore/health", self.process)
+        return self
+
+
+def start_make_run(tmp: Path) -> MakeRun:
+    """``make run`` (``scripts/run.sh``) on a machine that cannot reach the hub.
+
+    SmolLM2-135M-Instruct's GGUF file is first converted into a model store by the
+    same ``import_model.py`` that ``make run`` calls (a minute's work, once per test
+    run); ``make run`` then finds it there, as on a user's second run.
+    """
+    assert OFFLINE_MODEL is not None
+    converted = stored(OFFLINE_MODEL, tmp / "converted")
+    home = tmp / "bentoml-home"
+    home.mkdir()
+    (home / "models").symlink_to(Path(converted.env["BENTOML_HOME"]) / "models")
+    port, page_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBOT_")}
+    env.update(
+        HF_HUB_OFFLINE="1", BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True",
+        PORT=str(port), STREAMLIT_SERVER_PORT=str(page_port), CHATBOT_DATA_DIR=str(tmp / "data"),
+    )  # fmt: skip
+    log = tmp / "run.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return MakeRun(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{page_port}", process, log)
+
+
+@pytest.fixture(scope="session")
+def offline_run(
+    background: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Future[MakeRun]]:
+    started = background.submit(start_make_run, tmp_path_factory.mktemp("make-run"))
+    yield started
+    if not started.cancelled() and started.exception() is None:
+        stop_tree(started.result().process)
+
+
+@pytest.fixture(scope="session")
+def bento_build(
+    background: ThreadPoolExecutor,
+    tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Future[tuple[dict[str, str], str]]:
+    """``make bento`` on the tiny model: (environment, Bento tag)."""
+    return background.submit(build_bento, tiny_checkpoint, tmp_path_factory.mktemp("bento-home"))
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    finished: Future[subprocess.CompletedProcess[str]]
+    out: Path
+
+
+@pytest.fixture(scope="session")
+def bench_run(background: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory) -> BenchRun:
+    """``make bench ARGS="--quick --model tiny"``: the harness, not its numbers."""
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "benchmarks/bench.py", "--quick", "--model", "tiny"]
+    finished = background.submit(
+        subprocess.run,
+        [*command, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return BenchRun(finished, out)
+
+
+# --- the container image -------------------------------------------------------------------
+
 CONTAINER_ENV = {"STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
-IMAGE_TEST = "test_the_image_built_from_the_bento_answers_a_chat"
 
 
 @dataclass(frozen=True)
@@ -209,8 +448,9 @@ def build_image(checkpoint: Path, home: Path) -> BuiltImage:
     env, bento = build_bento(checkpoint, home, "deploy/bentofile.local-image.yaml")
     env |= CONTAINER_ENV
     image = f"localhost/{bento}"
+    containerize = ["containerize", bento, "--backend", "buildah", "-t", image]
     built = subprocess.run(
-        [sys.executable, "-m", "bentoml", "containerize", bento, "--backend", "buildah", "-t", image],
+        [sys.executable, "-m", "bentoml", *containerize],
         env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
@@ -219,20 +459,71 @@ def build_image(checkpoint: Path, home: Path) -> BuiltImage:
 
 @pytest.fixture(scope="session")
 def image_build(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Future[BuiltImage]]:
-    """The image, building in a thread while the other tests run: the build mostly
-    waits on downloads and the disk, so the suite is about 3 minutes shorter."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool.submit(build_image, tiny_checkpoint, tmp_path_factory.mktemp("image-home"))
+    background: ThreadPoolExecutor,
+    tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Future[BuiltImage]:
+    return background.submit(build_image, tiny_checkpoint, tmp_path_factory.mktemp("image-home"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def start_the_image_build_first(request: pytest.FixtureRequest) -> None:
-    if CAN_BUILD_IMAGES and any(item.name == IMAGE_TEST for item in request.session.items):
-        request.getfixturevalue("image_build")
+# --- layers ----------------------------------------------------------------------------------
+
+# A test that uses one of these starts real processes: it belongs to the ``server`` layer.
+SERVER_FIXTURES = frozenset(
+    {"model_store", "chat_model_store", "server", *SHARED_SERVERS, *BACKGROUND_JOBS}
+)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``last`` run last (stable: the others keep their order)."""
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+def assert_in_server_layer() -> None:
+    """Keep ``make check`` fast: a server started for a test outside the ``server``
+    layer (one that asks for its server by name, say) fails that test with a hint."""
+    for item in _running:
+        assert item.get_closest_marker("server"), (
+            f"{item.nodeid} starts a server: mark it (or its module) @pytest.mark.server"
+        )
+
+
+# ``make test`` runs the server layer as two pytest processes at once, one per lane
+# (``--lane``, scripts/test_lanes.sh), each mostly one process waiting on another: the
+# tests on the shared servers, and those that need processes of their own (builds, the
+# benchmark, ``make run``, model imports) with the fuzzing, which balances the two.
+# Each process starts only its own lane's servers.
+LANES = ("shared-servers", "own-processes")
+OWN_PROCESS_MODULES = frozenset(
+    {"test_bench.py", "test_deploy.py", "test_import_model.py", "test_offline_model.py"}
+    | {"test_fuzz.py"}
+)
+
+
+def lane_of(item: pytest.Item) -> str:
+    return "own-processes" if item.path.name in OWN_PROCESS_MODULES else "shared-servers"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lane", choices=LANES, help="run only this lane's tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the ``server`` layer (every test that needs a real process of its own, a
+    browser test too), keep only ``--lane``'s tests when given, and run tests marked
+    ``last`` last, the others in their order."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(item.fixturenames) or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.server)
+    if lane := config.getoption("lane"):
+        other = [item for item in items if lane_of(item) != lane]
+        config.hook.pytest_deselected(items=other)
+        items[:] = [item for item in items if lane_of(item) == lane]
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)

@@ -22,9 +22,12 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 TIMEOUT_MS = 120_000
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian chromium not installed (make browser)"
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian chromium is not installed (make browser)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

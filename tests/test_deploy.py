@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
-from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage, build_bento
+from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage
 
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
@@ -109,8 +109,12 @@ def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
     assert isinstance(reply.json(), str)
 
 
-def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
-    env, bento = build_bento(tiny_checkpoint, tmp_path / "home")
+@pytest.mark.build
+@pytest.mark.last  # its build ran in the background meanwhile (conftest.bento_build)
+def test_the_built_bento_serves_the_model_it_carries(
+    bento_build: Future[tuple[dict[str, str], str]], tmp_path
+):
+    env, bento = bento_build.result()
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", bento,
@@ -123,6 +127,7 @@ def test_the_built_bento_serves_the_model_it_carries(tiny_checkpoint, tmp_path):
         stop_tree(server)
 
 
+@pytest.mark.build
 @pytest.mark.last  # its build ran in the background meanwhile (conftest.image_build)
 @pytest.mark.skipif(
     not CAN_BUILD_IMAGES,

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import import_model, offline_env
 
 from chatbot.settings import DEFAULT_MODEL, store_name_for
 
 
+@pytest.mark.server  # runs import_model.py
 def test_a_local_checkpoint_is_imported_once(tiny_checkpoint: Path, tmp_path: Path):
     env = offline_env(tmp_path / "home", tiny_checkpoint)
     first = import_model(env)
@@ -24,6 +26,7 @@ def test_a_local_checkpoint_is_imported_once(tiny_checkpoint: Path, tmp_path: Pa
     assert again.stdout.strip() == tag
 
 
+@pytest.mark.server  # runs import_model.py
 def test_an_unreachable_hub_model_gets_a_clear_message(tmp_path: Path):
     result = import_model(offline_env(tmp_path / "home", DEFAULT_MODEL))
     assert result.returncode == 2

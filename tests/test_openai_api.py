@@ -4,12 +4,11 @@ real server: whole and streamed replies, batching, errors, and both model famili
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from conftest import ModelStore, Served, batch_sizes, serving
+from conftest import Served, batch_sizes
 
 
 def client_for(url: str) -> openai.OpenAI:
@@ -28,18 +27,9 @@ def model_id(client: openai.OpenAI) -> str:
     return model.id
 
 
-@pytest.fixture(scope="module")
-def chat_model(chat_model_store: ModelStore, tmp_path_factory) -> Iterator[Served]:
-    """The service on the tiny decoder-only chat model (Llama + ChatML template)."""
-    with serving(chat_model_store, tmp_path_factory.mktemp("chat-model")) as running:
-        yield running
-
-
 @pytest.fixture(params=["blenderbot", "decoder-only"])
-def url(request: pytest.FixtureRequest) -> str:
-    if request.param == "blenderbot":
-        return request.getfixturevalue("server")
-    return request.getfixturevalue("chat_model").url
+def url(request: pytest.FixtureRequest, served: Served, chat_model: Served) -> str:
+    return served.url if request.param == "blenderbot" else chat_model.url
 
 
 def test_models_lists_the_served_model(url):

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import ROOT, ModelStore, serving
+from conftest import ROOT, ModelStore, Served
 from torch import nn
 
 from chatbot.engine import ChatEngine, pick_dtype
@@ -52,17 +52,16 @@ def test_a_bfloat16_engine_keeps_its_layers_unpacked_and_answers(tiny_checkpoint
     assert reply.model == "tiny-bf16"
 
 
-def test_the_service_serves_the_precision_it_is_told(model_store: ModelStore, tmp_path: Path):
-    with serving(model_store, tmp_path, CHATBOT_DTYPE="bfloat16") as served:
-        info = httpx.post(f"{served.url}/info", json={}, timeout=30).json()
-        assert (info["device"], info["dtype"]) == ("cpu", "bfloat16")
-        answer = httpx.post(
-            f"{served.url}/respond",
-            json={"messages": [{"role": "user", "content": "hi"}], **GREEDY},
-            timeout=60,
-        )
-        assert answer.status_code == 200
-        assert answer.json()["completion_tokens"] >= 1
+def test_the_service_serves_the_precision_it_is_told(bfloat16_served: Served):
+    info = httpx.post(f"{bfloat16_served.url}/info", json={}, timeout=30).json()
+    assert (info["device"], info["dtype"]) == ("cpu", "bfloat16")
+    answer = httpx.post(
+        f"{bfloat16_served.url}/respond",
+        json={"messages": [{"role": "user", "content": "hi"}], **GREEDY},
+        timeout=60,
+    )
+    assert answer.status_code == 200
+    assert answer.json()["completion_tokens"] >= 1
 
 
 def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):
