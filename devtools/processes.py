@@ -4,18 +4,47 @@ servers on 127.0.0.1 and must neither hang on one nor leave one behind."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 
+# Below Linux's range for outgoing connections (32768-60999): a port the OS hands out
+# (bind to port 0) can be taken by a client connection in the seconds before its server
+# binds it, which failed a test once the suite started many servers at a time.
+SERVER_PORTS = range(20_000, 32_000)
+_LAST_PORT = Path(tempfile.gettempdir()) / "chatbot-devtools-last-port"
+
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on, handed out in turn (under a file
+    lock) so that processes starting servers at the same time never get the same one."""
+    with _LAST_PORT.open("a+") as record:
+        fcntl.flock(record, fcntl.LOCK_EX)
+        record.seek(0)
+        last = int(record.read().strip() or SERVER_PORTS.start)
+        for step in range(1, len(SERVER_PORTS) + 1):
+            port = SERVER_PORTS[(last - SERVER_PORTS.start + step) % len(SERVER_PORTS)]
+            if _bindable(port):
+                break
+        record.seek(0)
+        record.truncate()
+        record.write(str(port))
+    return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_until_healthy(health_url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:

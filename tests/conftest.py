@@ -498,12 +498,11 @@ def assert_in_server_layer() -> None:
 # ``make test`` runs the server layer as two pytest processes at once, one per lane
 # (``--lane``, scripts/test_lanes.sh), each mostly one process waiting on another: the
 # tests on the shared servers, and those that need processes of their own (builds, the
-# benchmark, ``make run``, model imports) with the fuzzing, which balances the two.
-# Each process starts only its own lane's servers.
+# benchmark, ``make run``, model imports). Each process starts only its own lane's
+# servers. The soak runs after both, alone (see the script).
 LANES = ("shared-servers", "own-processes")
 OWN_PROCESS_MODULES = frozenset(
     {"test_bench.py", "test_deploy.py", "test_import_model.py", "test_offline_model.py"}
-    | {"test_fuzz.py"}
 )
 
 
