@@ -306,11 +306,11 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) ->
 
 
 # --- slow work in the background ----------------------------------------------------------
-# Building the Bento, the image and the offline model's store, and the benchmark's smoke
-# run, take minutes of mostly waiting (downloads, disk, process start-ups) and share no
-# state or measurement with the other tests. Each starts in a background thread when the
-# session starts, if a selected test needs it; the tests that use them are marked
-# ``last``, so by then the work is done.
+# Building the Bento and the image, ``make run`` offline (its GGUF conversion first) and
+# the benchmark's smoke run take minutes of mostly waiting (downloads, disk, process
+# start-ups) and share no state or measurement with the other tests. Each starts in a
+# background thread when the session starts, if a selected test needs it; the build and
+# benchmark tests are marked ``last``, so by then their work is done.
 
 
 @pytest.fixture(scope="session")
