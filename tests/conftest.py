@@ -119,6 +119,15 @@ def stored(model: Path, home: Path) -> ModelStore:
     return ModelStore({**env, "CHATBOT_MODEL_TAG": imported.stdout.strip()})
 
 
+def home_linked_to(store: ModelStore, directory: Path) -> Path:
+    """A BentoML home of its own (a server wipes its metrics directory at start) whose
+    model store links to ``store``'s."""
+    home = directory / "bentoml-home"
+    home.mkdir()
+    (home / "models").symlink_to(Path(store.env["BENTOML_HOME"]) / "models")
+    return home
+
+
 @pytest.fixture(scope="session")
 def model_store(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     return stored(tiny_checkpoint, tmp_path_factory.mktemp("bentoml-home"))
@@ -135,12 +144,9 @@ def start_server(store: ModelStore, log_dir: Path, **settings: str) -> Served:
     """The real ``bentoml serve`` on a stored model, bound to 127.0.0.1 only, with
     extra environment ``settings``; started, not yet ready (``Served.ready``).
 
-    Each server gets its own BentoML home (its metrics directory is wiped at start)
-    whose model store links to the shared one.
+    Each server gets its own BentoML home linked to the shared model store.
     """
-    home = log_dir / "bentoml-home"
-    home.mkdir()
-    (home / "models").symlink_to(Path(store.env["BENTOML_HOME"]) / "models")
+    home = home_linked_to(store, log_dir)
     port = free_port()
     log_path = log_dir / "serve.log"
     with log_path.open("wb") as log:
@@ -366,10 +372,7 @@ def start_make_run(tmp: Path) -> MakeRun:
     run); ``make run`` then finds it there, as on a user's second run.
     """
     assert OFFLINE_MODEL is not None
-    converted = stored(OFFLINE_MODEL, tmp / "converted")
-    home = tmp / "bentoml-home"
-    home.mkdir()
-    (home / "models").symlink_to(Path(converted.env["BENTOML_HOME"]) / "models")
+    home = home_linked_to(stored(OFFLINE_MODEL, tmp / "converted"), tmp)
     port, page_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBOT_")}
     env.update(
