@@ -59,12 +59,12 @@ serve: install  ## run the service on 127.0.0.1:$PORT (CHATBOT_MODEL = hub id or
 	CHATBOT_MODEL_TAG=$$tag exec $(BENTOML) serve service:Chatbot --host 127.0.0.1 --port $(PORT)
 
 $(TINY_MODEL)/model.safetensors: | $(VENV)/.installed
-	$(PY) -m chatbot.tiny_model $(TINY_MODEL)
+	$(PY) -m chatbot.models.tiny_model $(TINY_MODEL)
 
 tiny-model: install $(TINY_MODEL)/model.safetensors  ## build the tiny offline test model
 
 offline-model: install  ## print the path of SmolLM2-135M-Instruct (GGUF), the real offline model
-	@$(PY) -m chatbot.offline_model
+	@$(PY) -m chatbot.models.offline_model
 
 serve-tiny: tiny-model  ## run the service on the tiny offline model
 	$(MAKE) serve CHATBOT_MODEL=$(abspath $(TINY_MODEL))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import bentoml
 
-from chatbot.checkpoint import CheckpointUnavailable, fingerprint, save_checkpoint
-from chatbot.offline_model import note_for
+from chatbot.models.checkpoint import CheckpointUnavailable, fingerprint, save_checkpoint
+from chatbot.models.offline_model import note_for
 from chatbot.settings import Settings
 
 

@@ -17,16 +17,16 @@ from bentoml.validators import ContentType
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
-from chatbot.admission import Admission, Limits, busy_response
-from chatbot.coalescing import Coalescer
-from chatbot.engine import ChatEngine
-from chatbot.openai_api import build_openai_app
-from chatbot.openapi_spec import CompletedSpec
-from chatbot.readable_errors import ReadableValidationErrors
-from chatbot.request_log import RequestLog, note_tokens
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.coalescing import Coalescer
+from chatbot.engine.streaming import ReplyStream
+from chatbot.http.admission import Admission, Limits, busy_response
+from chatbot.http.openai_api import build_openai_app
+from chatbot.http.openapi_spec import CompletedSpec
+from chatbot.http.readable_errors import ReadableValidationErrors
+from chatbot.http.request_log import RequestLog, note_tokens
 from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings
-from chatbot.streaming import ReplyStream
 
 settings = Settings.from_env()
 openai_v1 = build_openai_app(backend_errors=(ServiceUnavailable,))
@@ -76,7 +76,7 @@ class Chatbot:
             )
         )
         openai_v1.state.backend = self
-        # Requests arriving together reach the batcher in one call (chatbot.coalescing).
+        # Requests arriving together reach the batcher in one call (chatbot.engine.coalescing).
         # self.generate is looked up at each call: at startup it is still the plain
         # method, which would skip BentoML's batching dispatcher.
         self.batched: Coalescer[ChatRequest, ChatReply] = Coalescer(
@@ -124,7 +124,7 @@ class Chatbot:
         """The served model and the generation options it accepts."""
         return await self.model_info()
 
-    # The ChatBackend of the /v1 routes (chatbot.openai_api), also used above.
+    # The ChatBackend of the /v1 routes (chatbot.http.openai_api), also used above.
 
     async def model_info(self) -> ModelInfo:
         engine = await asyncio.shield(self.loading)

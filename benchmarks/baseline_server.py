@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from chatbot.engine import ChatEngine
+from chatbot.engine.chat_engine import ChatEngine
 from chatbot.schemas import ChatReply, ChatRequest
 
 engine: ChatEngine | None = None

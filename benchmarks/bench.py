@@ -43,10 +43,10 @@ from transformers import BlenderbotTokenizer, GenerationConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.engine import ChatEngine, DecodingPlan, pick_device, pick_dtype  # noqa: E402
+from chatbot.engine.chat_engine import ChatEngine, DecodingPlan, pick_device, pick_dtype  # noqa: E402
+from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.settings import DTYPE_CHOICES  # noqa: E402
-from chatbot.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from devtools.processes import free_port, stop_tree, wait_until_healthy  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "blenderbot-tokenizer"

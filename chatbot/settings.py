@@ -58,7 +58,7 @@ def _choice(name: str, default: str, choices: frozenset[str]) -> str:
 
 
 DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "float16"})
-"""Weight precisions (CHATBOT_DTYPE); ``auto`` picks by device, see ``chatbot.engine``."""
+"""Weight precisions (CHATBOT_DTYPE); ``auto`` picks by device (``chatbot.engine.chat_engine``)."""
 
 
 @dataclass(frozen=True)

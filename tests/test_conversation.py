@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import BlenderbotTokenizer, PreTrainedTokenizerBase
 
-from chatbot.conversation import conversation_text, encode_conversation
-from chatbot.engine import ChatEngine
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.prompts.blenderbot import conversation_text, encode_conversation
 from chatbot.schemas import Message
 
 WINDOW = 128

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from transformers import BlenderbotTokenizer, PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from chatbot.conversation import conversation_text, encode_conversation
-from chatbot.engine import ChatEngine
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.prompts.blenderbot import conversation_text, encode_conversation
 from chatbot.schemas import MAX_MESSAGE_CHARS, ChatRequest, Message
 
 WINDOW = 128

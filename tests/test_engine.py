@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from chatbot.engine import ChatEngine, DecodingPlan
+from chatbot.engine.chat_engine import ChatEngine, DecodingPlan
 from chatbot.schemas import ChatRequest
 
 PROMPTS = [

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from test_engine import request
 from transformers import AutoConfig, AutoTokenizer
 
-from chatbot.chat_template import encode_chat
-from chatbot.engine import ChatEngine
-from chatbot.families import UnsupportedModel, detect_family
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.families import UnsupportedModel, detect_family
+from chatbot.prompts.chat_template import encode_chat
 from chatbot.schemas import ChatRequest, Message
 
 PROMPTS = [

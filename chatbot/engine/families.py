@@ -26,9 +26,9 @@ from transformers import (
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from chatbot.chat_template import encode_chat
-from chatbot.conversation import EncodedConversation, encode_conversation
-from chatbot.kv_cache import ReplyCache
+from chatbot.engine.kv_cache import ReplyCache
+from chatbot.prompts.blenderbot import EncodedConversation, encode_conversation
+from chatbot.prompts.chat_template import encode_chat
 from chatbot.schemas import MAX_NEW_TOKENS, Message
 
 FamilyName = Literal["encoder-decoder", "decoder-only"]
@@ -51,7 +51,7 @@ class Family(ABC):
     model_class: type[_BaseAutoModelClass]
     skips_redundant_rows: bool
     """Whether packed layers may skip padded prompt positions and compute beam copies
-    once (``chatbot.packed_linear``): never where they feed a decoder's key/value
+    once (``chatbot.engine.packed_linear``): never where they feed a decoder's key/value
     cache, which needs finite values in every position."""
 
     @abstractmethod
@@ -128,7 +128,7 @@ class EncoderDecoder(Family):
         return 1  # after the decoder start token; the prompt went to the encoder
 
     def cache_kwargs(self, config: PretrainedConfig, max_new_tokens: int) -> dict[str, object]:
-        """A cache with room for the reply, never copied whole (``chatbot.kv_cache``);
+        """A cache with room for the reply, never copied whole (``chatbot.engine.kv_cache``);
         the decoder's positions are the start token and the reply."""
         decoder_config = config.get_text_config(decoder=True)
         return {"past_key_values": ReplyCache(decoder_config, capacity=max_new_tokens + 1)}

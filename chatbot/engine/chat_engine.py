@@ -3,7 +3,7 @@
 The engine is what the BentoML batch API calls with everything the adaptive batcher
 collected. Requests whose decoding options differ cannot share a ``generate`` call,
 so the batch is split into groups of identical options first. How a conversation
-becomes model input depends on the model's family (``chatbot.families``).
+becomes model input depends on the model's family (``chatbot.engine.families``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from chatbot.chat_template import TemplateRefused
-from chatbot.conversation import EncodedConversation
-from chatbot.families import detect_family
-from chatbot.packed_linear import pack_linear_layers, skip_redundant_rows
+from chatbot.engine.families import detect_family
+from chatbot.engine.packed_linear import pack_linear_layers, skip_redundant_rows
+from chatbot.engine.streaming import ReplyStream
+from chatbot.prompts.blenderbot import EncodedConversation
+from chatbot.prompts.chat_template import TemplateRefused
 from chatbot.schemas import ChatReply, ChatRequest, FinishReason, GenerationOptions, ModelInfo
 from chatbot.settings import DTYPE_CHOICES
-from chatbot.streaming import ReplyStream
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class ChatEngine:
 
         ``dtype`` is ``auto`` or a name in ``DTYPES`` (see ``pick_dtype``).
         ``pack_weights`` puts a CPU model's float32 linear layers on oneDNN's
-        pre-packed path (see ``chatbot.packed_linear``); it does nothing on a GPU.
+        pre-packed path (see ``chatbot.engine.packed_linear``); it does nothing on a GPU.
         """
         tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
         family = detect_family(AutoConfig.from_pretrained(path), tokenizer)
@@ -273,7 +273,7 @@ class ChatEngine:
         self, inputs: BatchEncoding, plan: DecodingPlan
     ) -> AbstractContextManager[None]:
         """Packed layers skip the prompt's padding and compute each conversation's
-        beam copies once (``chatbot.packed_linear``), where the family allows it."""
+        beam copies once (``chatbot.engine.packed_linear``), where the family allows it."""
         if not self.family.skips_redundant_rows:
             return nullcontext()
         # generate expands each conversation into its beams

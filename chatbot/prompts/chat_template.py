@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from chatbot.conversation import EncodedConversation
+from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.schemas import Message
 
 # Private-use code points: no tokenizer, template or user text gives them meaning.

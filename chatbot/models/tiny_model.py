@@ -10,7 +10,7 @@ chats shipped on PyPI) and a real architecture at small sizes:
 * ``decoder-only``: Llama (SmolLM2's architecture) with a ChatML chat template, the
   format of SmolLM2 and Qwen2.5-Instruct.
 
-    python -m chatbot.tiny_model OUT_DIR [--family decoder-only] [--vocab-size 2000]
+    python -m chatbot.models.tiny_model OUT_DIR [--family decoder-only] [--vocab-size 2000]
 """
 
 from __future__ import annotations

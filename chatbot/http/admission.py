@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
-from chatbot.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
-from chatbot.request_log import serving
+from chatbot.http.asgi import ASGIApp, Message, Receive, Scope, Send, header, send_error
+from chatbot.http.request_log import serving
 
 DOC_PATHS = frozenset({"/", "/docs.json", "/schema.json"})
 DOC_PREFIXES = ("/static_content/",)

@@ -20,7 +20,7 @@ from transformers import (
     StoppingCriteria,
 )
 
-from chatbot.conversation import EncodedConversation
+from chatbot.prompts.blenderbot import EncodedConversation
 
 
 class _Cancelled(StoppingCriteria):

@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from chatbot.admission import busy_response
-from chatbot.request_log import note_tokens
+from chatbot.engine.streaming import ReplyStream
+from chatbot.http.admission import busy_response
+from chatbot.http.request_log import note_tokens
 from chatbot.schemas import (
     MAX_BEAMS,
     MAX_NEW_TOKENS,
@@ -41,7 +42,6 @@ from chatbot.schemas import (
     Message,
     ModelInfo,
 )
-from chatbot.streaming import ReplyStream
 
 _MIN_TEMPERATURE = 0.01  # the engine's floor; OpenAI's (0, 0.01) rounds up to it
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from huggingface_hub import constants
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from chatbot.families import UnsupportedModel, detect_family
+from chatbot.engine.families import UnsupportedModel, detect_family
 
 
 class CheckpointUnavailable(RuntimeError):

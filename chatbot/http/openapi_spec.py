@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chatbot.asgi import ASGIApp, Receive, Scope, Send, rewriting_send
+from chatbot.http.asgi import ASGIApp, Receive, Scope, Send, rewriting_send
 
 SPEC_PATH = "/docs.json"
 _ERROR_BODY = {

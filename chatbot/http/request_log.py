@@ -25,7 +25,7 @@ import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from chatbot.asgi import ASGIApp, Message, Receive, Scope, Send, header
+from chatbot.http.asgi import ASGIApp, Message, Receive, Scope, Send, header
 
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 _VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
