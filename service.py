@@ -1,9 +1,12 @@
 """A chat model (Blenderbot or any Hugging Face chat model) as a BentoML service.
 
-Every whole-reply endpoint funnels into ``generate``, a batchable API: BentoML's
-dispatcher merges concurrent conversations into one padded ``model.generate`` call.
-``/v1`` speaks OpenAI's chat API, streaming included. The logic lives in the
-``chatbot`` package; this file only wires it to HTTP.
+With ``CHATBOT_BATCHING=continuous`` (the default) every reply, whole or streamed, is
+decoded by one decode loop per worker (``chatbot.engine.scheduler``): a conversation
+joins the running batch at the next step and leaves it when done. With ``adaptive``,
+whole replies funnel into ``generate``, a batchable API whose dispatcher merges
+concurrent conversations into one padded ``model.generate`` call, and streams run
+alone. ``/v1`` speaks OpenAI's chat API. The logic lives in the ``chatbot`` package;
+this file only wires it to HTTP.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from starlette.responses import JSONResponse
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.coalescing import Coalescer
+from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.scheduler import QueueFull
 from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
+from chatbot.http.loop_metrics import LoopMetrics
 from chatbot.http.openai_api import build_openai_app
 from chatbot.http.openapi_spec import CompletedSpec
 from chatbot.http.readable_errors import ReadableValidationErrors
@@ -29,7 +35,9 @@ from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings
 
 settings = Settings.from_env()
-openai_v1 = build_openai_app(backend_errors=(ServiceUnavailable,))
+CONTINUOUS = settings.batching == "continuous"
+BUSY = (ServiceUnavailable, QueueFull)  # the batcher's or the decode loop's queue is full
+openai_v1 = build_openai_app(backend_errors=BUSY)
 
 
 class BentoArgs(BaseModel):
@@ -64,17 +72,8 @@ class Chatbot:
     @bentoml.on_startup
     def start_loading(self) -> None:
         """Load the model in the background so /livez answers while it loads."""
-        metadata = self.model.info.metadata
-        self.loading = asyncio.create_task(
-            asyncio.to_thread(
-                ChatEngine.load,
-                self.model.path,
-                metadata.get("source", str(self.model.tag)),
-                pack_weights=settings.pack_weights,
-                note=metadata.get("note") or None,
-                dtype=settings.dtype,
-            )
-        )
+        self.continuous: ContinuousBatcher | None = None
+        self.loading = asyncio.create_task(asyncio.to_thread(self._load))
         openai_v1.state.backend = self
         # Requests arriving together reach the batcher in one call (chatbot.engine.coalescing).
         # self.generate is looked up at each call: at startup it is still the plain
@@ -85,6 +84,26 @@ class Chatbot:
             10 * settings.coalesce_ms / 1000,
         )
 
+    def _load(self) -> ChatEngine:
+        metadata = self.model.info.metadata
+        engine = ChatEngine.load(
+            self.model.path,
+            metadata.get("source", str(self.model.tag)),
+            pack_weights=settings.pack_weights,
+            note=metadata.get("note") or None,
+            dtype=settings.dtype,
+        )
+        if CONTINUOUS:
+            self.continuous = ContinuousBatcher(
+                engine, settings.max_rows, settings.max_waiting, LoopMetrics(bentoml.metrics)
+            )
+        return engine
+
+    @bentoml.on_shutdown
+    def stop_decoding(self) -> None:
+        if self.continuous is not None:
+            self.continuous.close()
+
     def __is_ready__(self) -> bool:
         return self.loading.done() and self.loading.exception() is None
 
@@ -92,13 +111,15 @@ class Chatbot:
         return not (self.loading.done() and self.loading.exception() is not None)
 
     @bentoml.api(
-        batchable=True,
+        batchable=not CONTINUOUS,  # the decode loop batches per step instead
         max_batch_size=settings.max_batch_size,
         max_latency_ms=settings.max_latency_ms,
     )
     async def generate(self, requests: list[ChatRequest]) -> list[ChatReply]:
         """Answer many conversations; concurrent calls are batched together."""
         engine = await asyncio.shield(self.loading)
+        if self.continuous is not None:
+            return await self.continuous.generate(requests)
         conversations_per_batch.observe(len(requests))
         return await asyncio.to_thread(engine.generate, requests)
 
@@ -107,7 +128,7 @@ class Chatbot:
         """Reply to ``messages`` with optional generation options."""
         try:
             return await self.reply(ChatRequest(**request))
-        except ServiceUnavailable:
+        except BUSY:
             return busy_response()  # type: ignore[return-value]  # BentoML sends a Response as is
 
     @bentoml.api(input_spec=LegacyChatRequest)
@@ -115,7 +136,7 @@ class Chatbot:
         """The original design's endpoint: the reply as a JSON string."""
         try:
             reply = await self.reply(LegacyChatRequest(**request).to_chat_request())
-        except ServiceUnavailable:
+        except BUSY:
             return busy_response()  # type: ignore[return-value]  # BentoML sends a Response as is
         return JSONResponse(reply.reply)  # type: ignore[return-value]  # a bare str goes out as text/plain
 
@@ -131,16 +152,21 @@ class Chatbot:
         return engine.info()
 
     async def stream(self, request: ChatRequest) -> ReplyStream:
-        """One reply as it is written; not batched (its tokens leave one by one)."""
+        """One reply as it is written: a decode-loop row, or its own ``generate``."""
         engine = await asyncio.shield(self.loading)
+        if self.continuous is not None:
+            return self.continuous.stream(request)
         return engine.stream(request)  # checks the request itself
 
     async def reply(self, request: ChatRequest) -> ChatReply:
-        """Batch ``request`` with the others; ServiceUnavailable when the batcher
-        predicts it would wait past CHATBOT_MAX_LATENCY_MS."""
+        """Batch ``request`` with the others; one of BUSY when the queue is full
+        (or the batcher predicts a wait past CHATBOT_MAX_LATENCY_MS)."""
         engine = await asyncio.shield(self.loading)
-        engine.check(request)
-        reply = await self.batched(request)
+        if self.continuous is not None:
+            reply = await self.continuous.reply(request)
+        else:
+            engine.check(request)
+            reply = await self.batched(request)
         note_tokens(reply.prompt_tokens, reply.completion_tokens)
         return reply
 

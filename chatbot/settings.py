@@ -57,6 +57,10 @@ def _choice(name: str, default: str, choices: frozenset[str]) -> str:
     return raw
 
 
+BATCHING_CHOICES = frozenset({"continuous", "adaptive"})
+"""How replies share the model (CHATBOT_BATCHING): the decode loop's per-step batches,
+or BentoML's adaptive batching of whole replies (``service.py``)."""
+
 DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "float16"})
 """Weight precisions (CHATBOT_DTYPE); ``auto`` picks by device (``chatbot.engine.chat_engine``)."""
 
@@ -67,6 +71,9 @@ class Settings:
 
     model: str
     model_tag: str
+    batching: str
+    max_rows: int
+    max_waiting: int
     max_batch_size: int
     max_latency_ms: int
     coalesce_ms: float
@@ -85,6 +92,9 @@ class Settings:
             model=model,
             model_tag=os.environ.get("CHATBOT_MODEL_TAG", "").strip()
             or f"{store_name_for(model)}:latest",
+            batching=_choice("CHATBOT_BATCHING", "continuous", BATCHING_CHOICES),
+            max_rows=_int("CHATBOT_MAX_ROWS", 128),
+            max_waiting=_int("CHATBOT_MAX_WAITING", 256),
             max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 8),
             max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
             coalesce_ms=_float("CHATBOT_COALESCE_MS", 50),

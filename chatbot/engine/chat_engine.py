@@ -9,7 +9,7 @@ becomes model input depends on the model's family (``chatbot.engine.families``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +26,24 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from chatbot.engine.decoding import Decoding, start_decoding
 from chatbot.engine.families import detect_family
+from chatbot.engine.model_step import ModelStep
 from chatbot.engine.packed_linear import pack_linear_layers, skip_redundant_rows
 from chatbot.engine.streaming import ReplyStream
 from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.prompts.chat_template import TemplateRefused
 from chatbot.schemas import ChatReply, ChatRequest, FinishReason, GenerationOptions, ModelInfo
 from chatbot.settings import DTYPE_CHOICES
+
+
+@dataclass(frozen=True)
+class PreparedReply:
+    """A checked request: its plan, its prompt and how its decoding starts."""
+
+    plan: DecodingPlan
+    prompt: EncodedConversation
+    start_decoding: Callable[[], Decoding]
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class DecodingPlan:
     top_p: float
 
 
-def _options_error(field: str, value: object, message: str) -> ValidationError:
+def options_error(field: str, value: object, message: str) -> ValidationError:
     """A validation error shaped like pydantic's own, so the API answers it as 400."""
     detail = InitErrorDetails(
         type=PydanticCustomError("model_limit", message),
@@ -166,7 +177,7 @@ class ChatEngine:
         otherwise the prompt the model would read."""
         limit = self.max_new_tokens_limit
         if request.max_new_tokens is not None and request.max_new_tokens > limit:
-            raise _options_error(
+            raise options_error(
                 "max_new_tokens",
                 request.max_new_tokens,
                 f"this model can write at most {limit} tokens per reply",
@@ -199,7 +210,7 @@ class ChatEngine:
         try:
             return self.family.encode(self.tokenizer, request.messages, self.window)
         except TemplateRefused as refused:
-            raise _options_error("messages", "(conversation)", str(refused)) from None
+            raise options_error("messages", "(conversation)", str(refused)) from None
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
         """Answer every request; one ``generate`` call per distinct decoding plan."""
@@ -211,15 +222,37 @@ class ChatEngine:
         for plan, indices in groups.items():
             outputs = self.generate_ids([encoded[i].input_ids for i in indices], plan)
             for i, output in zip(indices, outputs, strict=True):
-                replies[i] = ChatReply(
-                    reply=self._text(output),
-                    model=self.model_name,
-                    prompt_tokens=len(encoded[i].input_ids),
-                    completion_tokens=len(output),
-                    truncated=encoded[i].truncated,
-                    finish_reason=self._finish_reason(output, plan),
-                )
+                replies[i] = self.chat_reply(encoded[i], output, plan)
         return [r for r in replies if r is not None]
+
+    def chat_reply(
+        self, prompt: EncodedConversation, output: list[int], plan: DecodingPlan
+    ) -> ChatReply:
+        """The reply to ``prompt`` whose new token ids are ``output``."""
+        return ChatReply(
+            reply=self._text(output),
+            model=self.model_name,
+            prompt_tokens=len(prompt.input_ids),
+            completion_tokens=len(output),
+            truncated=prompt.truncated,
+            finish_reason=self._finish_reason(output, plan),
+        )
+
+    def model_step(self) -> ModelStep:
+        """The decode loop's view of this model (``chatbot.engine.scheduler``)."""
+        return self.family.model_step(self.model, self.window, self.max_new_tokens_limit)
+
+    def prepare(self, request: ChatRequest) -> PreparedReply:
+        """``request`` checked and ready for the decode loop."""
+        plan = self.plan(request)
+        prompt = self.check(request)
+        options = self._decoding_kwargs(plan)
+        ids = torch.tensor([prompt.input_ids], device=self.model.device)
+        start = self.family.reply_start(ids, self.model.generation_config)
+        return PreparedReply(plan, prompt, lambda: start_decoding(self.model, options, ids, start))
+
+    def finish_reason_of(self, plan: DecodingPlan) -> Callable[[Sequence[int]], FinishReason]:
+        return lambda ids: self._finish_reason(ids, plan)
 
     def generate_ids(self, batch: Sequence[Sequence[int]], plan: DecodingPlan) -> list[list[int]]:
         """New token ids for each input (end-of-sequence included, padding not).
@@ -235,15 +268,20 @@ class ChatEngine:
         first_new = self.family.first_new_column(prompt_length)
         return [self._strip(row) for row in sequences[:, first_new:].tolist()]
 
-    def stream(self, request: ChatRequest) -> ReplyStream:
-        """One reply as it is written (call inside a coroutine). Beam search keeps every
-        candidate open to the end, so it cannot stream: that is a validation error."""
+    def check_streamable(self, request: ChatRequest) -> None:
+        """Beam search keeps every candidate open to the end, so it cannot stream:
+        that is a validation error."""
         plan = self.plan(request)
         if plan.num_beams > 1:
-            raise _options_error(
+            raise options_error(
                 "num_beams", plan.num_beams,
                 "beam search cannot stream: ask for num_beams 1, or for the whole reply at once",
             )  # fmt: skip
+
+    def stream(self, request: ChatRequest) -> ReplyStream:
+        """One reply as it is written by its own ``generate`` (call inside a coroutine)."""
+        self.check_streamable(request)
+        plan = self.plan(request)
         encoded = self.check(request)
         inputs = self._padded([encoded.input_ids])
         kwargs = self._generation_kwargs(plan)
@@ -252,7 +290,7 @@ class ChatEngine:
             with torch.inference_mode():
                 self.model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=[stop])
 
-        return ReplyStream(
+        return ReplyStream.from_generate(
             self.tokenizer, generate, encoded,
             lambda ids: self._finish_reason(ids, plan),
         )  # fmt: skip
@@ -280,18 +318,24 @@ class ChatEngine:
         return skip_redundant_rows(inputs["attention_mask"], plan.num_beams)
 
     def _generation_kwargs(self, plan: DecodingPlan) -> dict[str, object]:
-        """``generate`` overrides that replace the model's defaults without conflict.
+        """``generate`` arguments: the decoding options and the family's key/value cache."""
+        return {
+            **self._decoding_kwargs(plan),
+            **self.family.cache_kwargs(self.model.config, plan.max_new_tokens),
+        }
+
+    def _decoding_kwargs(self, plan: DecodingPlan) -> dict[str, object]:
+        """Overrides that replace the model's generation defaults without conflict.
 
         transformers fills anything left unset from the model's generation_config;
-        the family says how lengths are written and which key/value cache to use,
-        and the beam-only length penalty is reset for greedy plans.
+        the family says how lengths are written, and the beam-only length penalty is
+        reset for greedy plans.
         """
         lengths = self.family.length_kwargs(
             plan.max_new_tokens, plan.min_new_tokens, self.tokenizer
         )
         return {
             **lengths,
-            **self.family.cache_kwargs(self.model.config, plan.max_new_tokens),
             "num_beams": plan.num_beams,
             "do_sample": plan.do_sample,
             "temperature": plan.temperature,

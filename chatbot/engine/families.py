@@ -17,16 +17,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     GenerationConfig,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from chatbot.engine.kv_cache import ReplyCache
+from chatbot.engine.model_step import DecoderOnlyStep, EncoderDecoderStep, ModelStep
 from chatbot.prompts.blenderbot import EncodedConversation, encode_conversation
 from chatbot.prompts.chat_template import encode_chat
 from chatbot.schemas import MAX_NEW_TOKENS, Message
@@ -85,6 +88,14 @@ class Family(ABC):
         """``generate`` arguments that choose its key/value cache (default: its own)."""
         return {}
 
+    @abstractmethod
+    def reply_start(self, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        """(1, S) the ids a reply continues: what ``generate`` starts its output with."""
+
+    @abstractmethod
+    def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
+        """The decode loop's model step for this kind of model."""
+
 
 class EncoderDecoder(Family):
     name = "encoder-decoder"
@@ -126,6 +137,12 @@ class EncoderDecoder(Family):
 
     def first_new_column(self, prompt_length: int) -> int:
         return 1  # after the decoder start token; the prompt went to the encoder
+
+    def reply_start(self, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        return prompt.new_full((1, 1), config.decoder_start_token_id)
+
+    def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
+        return EncoderDecoderStep(model)
 
     def cache_kwargs(self, config: PretrainedConfig, max_new_tokens: int) -> dict[str, object]:
         """A cache with room for the reply, never copied whole (``chatbot.engine.kv_cache``);
@@ -172,6 +189,12 @@ class DecoderOnly(Family):
 
     def first_new_column(self, prompt_length: int) -> int:
         return prompt_length
+
+    def reply_start(self, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        return prompt
+
+    def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
+        return DecoderOnlyStep(model, positions=window + max_new_tokens)
 
 
 ENCODER_DECODER: Family = EncoderDecoder()

@@ -1,10 +1,11 @@
-"""One reply streamed as ``generate`` writes it.
+"""One reply streamed as it is written.
 
-Streaming cannot share the batched ``generate`` call (each token must leave as soon
-as it exists), so a streamed reply runs its own ``generate`` in a worker thread and
-hands text pieces to the event loop through transformers' ``AsyncTextIteratorStreamer``.
-A client that goes away stops the generation at the next token instead of leaving
-it to run to ``max_new_tokens``.
+Tokens come either from the decode loop (``CHATBOT_BATCHING=continuous``: the stream is
+the loop's sink for that reply, its tokens come out of the shared batched step) or,
+on the adaptive path, from a ``generate`` of its own in a worker thread (a stream
+cannot share BentoML's whole-reply batch). Either way text pieces reach the event loop
+through transformers' ``AsyncTextIteratorStreamer``, and a client that goes away stops
+the reply at the next step instead of leaving it to run to ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ Generate = Callable[[AsyncTextIteratorStreamer, StoppingCriteria], object]
 class ReplyStream:
     """Text pieces of one reply; after the last, ``completion_tokens`` and ``finish_reason``.
 
-    Create it inside a coroutine: pieces are delivered on the running event loop.
+    Create it inside a coroutine: pieces are delivered on the running event loop. It is
+    the decode loop's ``ReplySink`` for its reply (``tokens``/``finish``/``fail``/
+    ``cancelled`` are called from the loop's thread).
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        generate: Generate,
         prompt: EncodedConversation,
         finish_reason: Callable[[list[int]], str],
     ) -> None:
@@ -73,15 +75,41 @@ class ReplyStream:
         self._streamer = _CountingStreamer(tokenizer)
         self._stop = _Cancelled()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(generate,), daemon=True)
-        self._thread.start()
+
+    @classmethod
+    def from_generate(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        generate: Generate,
+        prompt: EncodedConversation,
+        finish_reason: Callable[[list[int]], str],
+    ) -> ReplyStream:
+        """A stream fed by ``generate(streamer, stopping_criterion)`` in a thread of its own."""
+        stream = cls(tokenizer, prompt, finish_reason)
+        threading.Thread(target=stream._run, args=(generate,), daemon=True).start()
+        return stream
 
     def _run(self, generate: Generate) -> None:
         try:
             generate(self._streamer, self._stop)
         except BaseException as error:  # handed to the reader, never lost in the thread
-            self._error = error
-            self._streamer.end()
+            self.fail(error)
+
+    # The decode loop's ReplySink (chatbot.engine.scheduler)
+
+    def tokens(self, ids: list[int]) -> None:
+        self._streamer.next_tokens_are_prompt = False  # the loop sends new tokens only
+        self._streamer.put(torch.tensor(ids))
+
+    def finish(self, output: list[int]) -> None:
+        self._streamer.end()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._streamer.end()
+
+    def cancelled(self) -> bool:
+        return self._stop.event.is_set()
 
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text, piece by piece, leading whitespace removed as in ``/respond``."""

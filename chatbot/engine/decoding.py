@@ -1,0 +1,267 @@
+"""Each request's own decoding, one step at a time, exactly as ``generate`` does it.
+
+The decode loop (``chatbot.engine.scheduler``) runs one model step for every row of
+every running reply, then hands each reply its rows' logits. What happens next is the
+reply's own business: its logits processors (min length, ``no_repeat_ngram_size``,
+``encoder_no_repeat_ngram_size``, the forced end token, temperature, top-p...), its
+token choice (greedy, sampling or a beam search step) and its stopping rule.
+
+None of that is rewritten here. The processors, stopping criteria and beam-search
+steps are transformers' own, built by the same ``GenerationMixin`` methods that
+``generate`` calls, for a batch of one. That is what makes a reply from the loop
+token-identical to ``generate`` on the same request alone, whatever else shares the
+step. These methods are private to transformers, which is why ``requirements.txt``
+pins its version; ``tests/test_decode_loop.py`` compares both paths on every release.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+GenerationModel = Any
+"""A transformers model with ``GenerationMixin``; its private methods used here are
+typed for the mixin's ``self``, so they are called untyped."""
+
+
+@dataclass(frozen=True)
+class DecodingRules:
+    """A request's generation config with the processors and criteria ``generate``
+    would derive from it."""
+
+    config: GenerationConfig
+    processors: LogitsProcessorList
+    stopping: StoppingCriteriaList
+
+    @classmethod
+    def build(
+        cls,
+        model: GenerationModel,
+        options: dict[str, Any],
+        prompt: torch.Tensor,
+        start: torch.Tensor,
+    ) -> DecodingRules:
+        """``options`` are ``generate`` keyword arguments; ``prompt`` (1, L) the
+        encoder input (or the prompt of a decoder-only model), ``start`` (1, S) the
+        ids the reply continues (the decoder start token, or the prompt)."""
+        defaults = model.generation_config
+        config, _ = model._prepare_generation_config(None, **options)
+        model._prepare_special_tokens(config, True, device=prompt.device)
+        config = model._prepare_generated_length(
+            generation_config=config,
+            has_default_max_length=options.get("max_length") is None
+            and defaults.max_length is None,
+            has_default_min_length=options.get("min_length") is None
+            and defaults.min_length is None,
+            model_input_name="input_ids",
+            inputs_tensor=prompt,
+            input_ids_length=start.shape[1],
+        )
+        processors = model._get_logits_processor(
+            generation_config=config,
+            input_ids_seq_length=start.shape[1],
+            encoder_input_ids=prompt,
+            device=prompt.device,
+            model_kwargs={},
+        )
+        stopping = model._get_stopping_criteria(config, StoppingCriteriaList())
+        return cls(config, processors, stopping)
+
+    def process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The processors in turn, as ``LogitsProcessorList`` applies them, without its
+        per-call signature inspection (measurable with one call per reply per step)."""
+        for processor in self.processors:
+            scores = processor(_ids(ids), scores)
+        return scores
+
+
+class Decoding(ABC):
+    """One reply's decoding state: ``rows`` rows of the batch, advanced a step at a time."""
+
+    rows: int
+    finished: bool = False
+
+    def __init__(self, rules: DecodingRules, start: torch.Tensor) -> None:
+        self.rules = rules
+        self.start_length = start.shape[1]
+
+    @abstractmethod
+    def last_tokens(self) -> torch.Tensor:
+        """(rows,) the token each row feeds to the next model step."""
+
+    @property
+    @abstractmethod
+    def length(self) -> int:
+        """Tokens in each row so far (start included): the next position is length - 1."""
+
+    @abstractmethod
+    def advance(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Take this step's (rows, vocab) logits; return each row's parent row (for
+        the cache to follow) when rows were reordered, else None."""
+
+    @abstractmethod
+    def output(self) -> list[int]:
+        """The reply's new token ids (end token included, when it ended)."""
+
+
+class SingleRow(Decoding):
+    """Greedy or sampled decoding: one row, whose tokens can stream as they come."""
+
+    rows = 1
+
+    def __init__(
+        self, rules: DecodingRules, start: torch.Tensor, generator: torch.Generator | None
+    ) -> None:
+        super().__init__(rules, start)
+        self.sequence = start
+        self.generator = generator
+
+    def last_tokens(self) -> torch.Tensor:
+        return self.sequence[:, -1]
+
+    @property
+    def length(self) -> int:
+        return self.sequence.shape[1]
+
+    def advance(self, logits: torch.Tensor) -> None:
+        scores = self.rules.process(self.sequence, logits.to(torch.float32))
+        if self.rules.config.do_sample:
+            probs = nn.functional.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        else:
+            token = torch.argmax(scores, dim=-1, keepdim=True)
+        self.sequence = torch.cat([self.sequence, token.to(self.sequence.dtype)], dim=-1)
+        self.finished = bool(self.rules.stopping(self.sequence, None)[0])
+        return None
+
+    def output(self) -> list[int]:
+        return self.sequence[0, self.start_length :].tolist()
+
+
+class BeamGroup(Decoding):
+    """Beam search over ``num_beams`` rows, step by step, with ``generate``'s own
+    beam-search steps (``GenerationMixin._beam_search``) on a batch of one."""
+
+    def __init__(self, model: GenerationModel, rules: DecodingRules, start: torch.Tensor) -> None:
+        super().__init__(rules, start)
+        config = rules.config
+        self.model = model
+        self.rows = beams = config.num_beams
+        eos = config._eos_token_tensor
+        self.keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * beams
+        self.top_beams = torch.arange(self.keep, device=start.device) < beams
+        self.cur_len = prompt_len = start.shape[1]
+        pad = config._pad_token_tensor
+        fill = int(pad) if pad is not None else (int(eos[0]) if eos is not None else -1)
+        running = torch.full((1, beams, config.max_length), fill, device=start.device)
+        running[:, :, :prompt_len] = start
+        self.running = running
+        self.sequences = running.clone()
+        self.running_scores = torch.zeros((1, beams), device=start.device)
+        self.running_scores[:, 1:] = -1e9
+        self.scores = torch.full((1, beams), -1e9, device=start.device)
+        self.done = torch.zeros((1, beams), dtype=torch.bool, device=start.device)
+        self.may_improve = torch.ones((1, 1), dtype=torch.bool, device=start.device)
+        width = config.max_length - prompt_len
+        self.running_indices = torch.full(
+            (1, beams, width), -1, dtype=torch.int32, device=start.device
+        )
+        self.indices = self.running_indices.clone()
+
+    def last_tokens(self) -> torch.Tensor:
+        return self.running[0, :, self.cur_len - 1]
+
+    @property
+    def length(self) -> int:
+        return self.cur_len
+
+    def advance(self, logits: torch.Tensor) -> torch.Tensor:
+        model, config, beams = self.model, self.rules.config, self.rows
+        flat = self.running[0, :, : self.cur_len]
+        log_probs = nn.functional.log_softmax(logits.to(torch.float32), dim=-1)
+        log_probs = self.rules.process(flat, log_probs)
+        log_probs = (log_probs[None] + self.running_scores[:, :, None]).reshape(1, -1)
+        top_log_probs, top_sequences, top_indices = model._get_top_k_continuations(
+            accumulated_log_probs=log_probs,
+            running_sequences=self.running,
+            running_beam_indices=self.running_indices,
+            cur_len=self.cur_len,
+            decoder_prompt_len=self.start_length,
+            do_sample=config.do_sample,
+            beams_to_keep=self.keep,
+            num_beams=beams,
+            batch_size=1,
+        )
+        hits = self.rules.stopping(top_sequences[0, :, : self.cur_len + 1], None)[None]
+        self.running, self.running_scores, self.running_indices = (
+            model._get_running_beams_for_next_iteration(
+                topk_log_probs=top_log_probs,
+                topk_running_sequences=top_sequences,
+                topk_running_beam_indices=top_indices,
+                next_token_hits_stopping_criteria=hits,
+                num_beams=beams,
+            )
+        )
+        self.sequences, self.scores, self.indices, self.done = model._update_finished_beams(
+            sequences=self.sequences,
+            topk_running_sequences=top_sequences,
+            beam_scores=self.scores,
+            topk_log_probs=top_log_probs,
+            beam_indices=self.indices,
+            topk_running_beam_indices=top_indices,
+            is_early_stop_heuristic_unsatisfied=self.may_improve,
+            is_sent_finished=self.done,
+            next_token_hits_stopping_criteria=hits,
+            top_num_beam_mask=self.top_beams,
+            num_beams=beams,
+            cur_len=self.cur_len,
+            decoder_prompt_len=self.start_length,
+            length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
+        )
+        parents = self.running_indices[0, :, self.cur_len - self.start_length].long()
+        self.cur_len += 1
+        self.may_improve = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=self.may_improve,
+            running_beam_scores=self.running_scores,
+            beam_scores=self.scores,
+            is_sent_finished=self.done,
+            cur_len=self.cur_len,
+            max_length=config.max_length,
+            decoder_prompt_len=self.start_length,
+            early_stopping=config.early_stopping,
+            length_penalty=config.length_penalty,
+        )
+        self.finished = not bool(
+            model._beam_search_has_unfinished_sequences(
+                self.may_improve, self.done, hits, config.early_stopping
+            )
+        )
+        return parents
+
+    def output(self) -> list[int]:
+        generated = int((self.indices[0, 0] + 1).bool().sum())
+        return self.sequences[0, 0, self.start_length : self.start_length + generated].tolist()
+
+
+def _ids(tensor: torch.Tensor) -> torch.LongTensor:
+    return cast(torch.LongTensor, tensor)  # torch's tensor subclasses exist in its stubs only
+
+
+def start_decoding(
+    model: GenerationModel,
+    options: dict[str, Any],
+    prompt: torch.Tensor,
+    start: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> Decoding:
+    """The decoding ``options`` (``generate`` keyword arguments) ask for."""
+    rules = DecodingRules.build(model, options, prompt, start)
+    if rules.config.num_beams > 1:
+        return BeamGroup(model, rules, start)
+    return SingleRow(rules, start, generator)

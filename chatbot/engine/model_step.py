@@ -1,0 +1,221 @@
+"""One decoder step for every running row, whatever position each row has reached.
+
+``generate`` advances a batch whose rows all sit at the same position. The decode loop
+mixes rows that joined at different steps, so each row brings its own position and
+attends only to its own filled keys (a boolean mask; no mask at all when every row
+has the same length, which is exactly ``generate``'s own call for a reply alone).
+
+* ``EncoderDecoderStep`` (Blenderbot): admitting a reply runs the encoder and projects
+  the cross-attention keys/values once into the reply's rows (beams share them); each
+  step then runs the decoder layers by hand, from the model's own modules, because
+  transformers' Blenderbot decoder takes one position for the whole batch.
+* ``DecoderOnlyStep`` (Llama, SmolLM2, Qwen...): admitting a reply runs its prompt
+  through the model as ``generate`` would and copies the keys/values into its rows;
+  each step is the model's own forward with per-row ``position_ids``, a 4-D mask and
+  a cache that writes into the rows. Any transformers causal LM works unchanged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from chatbot.engine.packed_linear import skip_redundant_rows
+from chatbot.engine.slots import RowSlots
+
+
+class ModelStep(ABC):
+    """The model's part of the loop: admit prompts into rows, advance rows one token."""
+
+    slots: RowSlots
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.device = model.device
+
+    @abstractmethod
+    def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
+        """Load each prompt into rows ``firsts[i] .. firsts[i] + copies[i] - 1``.
+
+        Returns (sum(copies), vocab) logits of each reply's first token when the prompt
+        pass yields them (decoder-only), else None (the first decode step will)."""
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens[i]`` at ``positions[i]`` to rows 0..n-1; (n, vocab) logits."""
+
+    def reserve(self, rows: int) -> None:
+        self.slots.reserve(rows)
+
+    def move(self, source: list[int], target: list[int]) -> None:
+        index = torch.tensor(source, device=self.device), torch.tensor(target, device=self.device)
+        self.slots.move(*index)
+
+    def reorder(self, first: int, parents: torch.Tensor) -> None:
+        self.slots.reorder(first, parents)
+
+    def bytes_per_row(self) -> int:
+        return self.slots.bytes_per_row()
+
+
+def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor | None:
+    """(n, 1, 1, width) True where position < lengths[row]; None when every row is full."""
+    if bool((lengths == width).all()):
+        return None
+    positions = torch.arange(width, device=lengths.device)
+    return (positions[None, :] < lengths[:, None])[:, None, None, :]
+
+
+class EncoderDecoderStep(ModelStep):
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model)
+        config = model.config
+        self.decoder = model.get_decoder()
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+        layers, positions = config.decoder_layers, config.max_position_embeddings
+        shape = (layers, self.heads, positions, self.head_dim, model.dtype, self.device)
+        self.slots = RowSlots(*shape)  # self-attention: the reply's own positions
+        self.cross = RowSlots(*shape)  # cross-attention: the encoded prompt
+        self.prompt_lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    def reserve(self, rows: int) -> None:
+        super().reserve(rows)
+        self.cross.reserve(rows)
+        if rows > self.prompt_lengths.shape[0]:
+            grown = self.prompt_lengths.new_zeros(self.cross.capacity)
+            grown[: self.prompt_lengths.shape[0]] = self.prompt_lengths
+            self.prompt_lengths = grown
+
+    def move(self, source: list[int], target: list[int]) -> None:
+        super().move(source, target)
+        index = torch.tensor(source, device=self.device), torch.tensor(target, device=self.device)
+        self.cross.move(*index)
+        self.prompt_lengths[index[1]] = self.prompt_lengths[index[0]]
+
+    def bytes_per_row(self) -> int:
+        return self.slots.bytes_per_row() + self.cross.bytes_per_row()
+
+    def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # padded on the right, as generate does
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+            mask[row, : len(prompt)] = 1
+        skipping = skip_redundant_rows(mask) if longest > 1 else nullcontext()
+        with skipping:
+            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)[0]
+            projected = [self._cross_keys_values(layer, encoded) for layer in self.decoder.layers]
+        for row, (prompt, first, count) in enumerate(zip(prompts, firsts, copies, strict=True)):
+            rows, length = slice(first, first + count), len(prompt)
+            for layer, (keys, values) in enumerate(projected):
+                self.cross.fill(
+                    layer, rows, keys[row : row + 1, :, :length], values[row : row + 1, :, :length]
+                )
+            self.prompt_lengths[rows] = length
+        return None
+
+    def _cross_keys_values(self, layer, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = layer.encoder_attn
+        return self._heads(attention.k_proj(encoded)), self._heads(attention.v_proj(encoded))
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        """(n, length, d_model) -> (n, heads, length, head_dim)."""
+        n, length, _ = states.shape
+        return states.view(n, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(tokens[:, None])
+        hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
+        width = int(positions.max()) + 1
+        self_mask = _prefix_mask(positions + 1, width)
+        prompt_lengths = self.prompt_lengths[:n]
+        prompt_width = int(prompt_lengths.max())
+        cross_mask = _prefix_mask(prompt_lengths, prompt_width)
+        for index, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            states = layer.self_attn_layer_norm(hidden)
+            keys, values = (
+                self._heads(attention.k_proj(states)),
+                self._heads(attention.v_proj(states)),
+            )
+            self.slots.write(index, positions, keys, values)
+            keys, values = self.slots.view(index, n, width)
+            hidden = hidden + self._attend(attention, states, keys, values, self_mask)
+            cross = layer.encoder_attn
+            states = layer.encoder_attn_layer_norm(hidden)
+            keys, values = self.cross.view(index, n, prompt_width)
+            hidden = hidden + self._attend(cross, states, keys, values, cross_mask)
+            states = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
+            hidden = hidden + layer.fc2(states)
+        hidden = decoder.layer_norm(hidden)
+        logits = self.model.lm_head(hidden) + self.model.final_logits_bias
+        return logits[:, 0]
+
+    def _attend(self, attention, states, keys, values, mask) -> torch.Tensor:
+        query = self._heads(attention.q_proj(states))
+        out = functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=attention.scaling
+        )
+        return attention.out_proj(out.transpose(1, 2).reshape(states.shape))
+
+
+class _RowsCache(Cache):
+    """Shows one step's rows to a transformers model as its ``past_key_values``."""
+
+    def __init__(self, slots: RowSlots, positions: torch.Tensor, width: int) -> None:
+        super().__init__(layers=[])
+        self.slots, self.positions, self.width = slots, positions, width
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.slots.write(layer_idx, self.positions, key_states, value_states)
+        return self.slots.view(layer_idx, key_states.shape[0], self.width)
+
+
+class DecoderOnlyStep(ModelStep):
+    def __init__(self, model: PreTrainedModel, positions: int) -> None:
+        super().__init__(model)
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        heads = config.num_key_value_heads or heads  # grouped-query attention caches fewer
+        shape = (config.num_hidden_layers, heads, positions, head_dim, model.dtype, self.device)
+        self.slots = RowSlots(*shape)
+
+    def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
+        first_logits = []
+        for prompt, first, count in zip(prompts, firsts, copies, strict=True):
+            ids = torch.tensor([list(prompt)], device=self.device)
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
+            rows = slice(first, first + count)
+            for layer, cached in enumerate(cache.layers):
+                keys, values = getattr(cached, "keys", None), getattr(cached, "values", None)
+                if keys is None or values is None:
+                    raise TypeError(f"cache layer {layer} holds no keys: not an attention model")
+                self.slots.fill(layer, rows, keys, values)
+            first_logits.append(logits[:, -1].expand(count, -1))
+        return torch.cat(first_logits)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        width = int(positions.max()) + 1
+        mask = _prefix_mask(positions + 1, width)
+        if mask is None:  # transformers would build its own mask otherwise
+            mask = torch.ones((tokens.shape[0], 1, 1, width), dtype=torch.bool, device=self.device)
+        outputs = self.model(
+            input_ids=tokens[:, None],
+            position_ids=positions[:, None],
+            attention_mask=mask,
+            past_key_values=_RowsCache(self.slots, positions, width),
+            use_cache=True,
+        )
+        return outputs.logits[:, -1]

@@ -1,0 +1,88 @@
+"""Key/value rows that running replies check in and out of, between decode steps.
+
+Row ``i`` of every buffer belongs to one row of the decode batch (a reply, or one beam
+of a reply), and the running rows are always ``0 .. n-1``, so a step reads each layer's
+keys as one slice, never a gather. A reply that finishes leaves a hole that the last
+rows move into (a copy of those few rows only); a beam step reorders its group's rows
+in place. Buffers hold every position a row may reach, so a new token is written in
+place at its own position and nothing grows during a reply; the row count grows by
+doubling, up to the scheduler's row budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowSlots:
+    """Per-layer key and value buffers of shape (rows, heads, positions, head_dim)."""
+
+    def __init__(
+        self,
+        layers: int,
+        heads: int,
+        positions: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.shape = (heads, positions, head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys = [self._empty(0) for _ in range(layers)]
+        self.values = [self._empty(0) for _ in range(layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[0]
+
+    def bytes_per_row(self) -> int:
+        heads, positions, head_dim = self.shape
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.keys) * heads * positions * head_dim * element
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` running rows (the first rows keep their contents)."""
+        if rows <= self.capacity:
+            return
+        size = max(rows, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for layer, old in enumerate(buffers):
+                grown = self._empty(size)
+                grown[: old.shape[0]] = old
+                buffers[layer] = grown
+
+    def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """Store one new position per row: ``keys``/``values`` are (n, heads, 1, dim)
+        for rows 0..n-1, at each row's own position."""
+        rows = torch.arange(keys.shape[0], device=self.device)
+        self.keys[layer][rows, :, positions] = keys[:, :, 0]
+        self.values[layer][rows, :, positions] = values[:, :, 0]
+
+    def fill(self, layer: int, rows: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a prompt's positions 0..L-1 (``keys`` (1 or len(rows), heads, L, dim))."""
+        length = keys.shape[2]
+        self.keys[layer][rows, :, :length] = keys
+        self.values[layer][rows, :, :length] = values
+
+    def view(self, layer: int, rows: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            self.keys[layer][:rows, :, :positions],
+            self.values[layer][:rows, :, :positions],
+        )
+
+    def move(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy rows ``source`` into rows ``target`` (disjoint), every layer."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target] = buffer[source]
+
+    def reorder(self, first: int, parents: torch.Tensor) -> None:
+        """Rows ``first + i`` take the contents of rows ``first + parents[i]``."""
+        group = slice(first, first + parents.shape[0])
+        index = parents.to(self.device) + first
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[group] = buffer[index]
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        return torch.zeros((rows, *self.shape), dtype=self.dtype, device=self.device)
