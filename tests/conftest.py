@@ -177,8 +177,12 @@ def serving(store: ModelStore, log_dir: Path, **settings: str) -> Iterator[Serve
 
 API_KEY = "test-key-4f1c9a"  # a made-up key: the tests look for it in the logs
 SHARED_SERVERS: dict[str, tuple[str, dict[str, str]]] = {  # name: (model store, settings)
-    # The default settings, for every test that only reads from the service.
+    # The default settings (continuous batching), for every test that only reads.
     "served": ("model_store", {}),
+    # BentoML's adaptive batching of whole replies instead of the decode loop.
+    "adaptive": ("model_store", {"CHATBOT_BATCHING": "adaptive"}),
+    # A decode loop with room for 2 rows and 1 waiting reply.
+    "small_loop": ("model_store", {"CHATBOT_MAX_ROWS": "2", "CHATBOT_MAX_WAITING": "1"}),
     # The tiny decoder-only chat model (Llama + ChatML template).
     "chat_model": ("chat_model_store", {}),
     # An API key, room for 2 requests at a time, a 0.5 s timeout.
@@ -258,21 +262,40 @@ def server(served: Served) -> str:
     return served.url
 
 
-def batch_sizes(server: str) -> Counter[int]:
-    """How many model batches of each size (conversations per ``generate`` call) so far."""
+@pytest.fixture
+def adaptive(servers: Servers) -> str:
+    return servers.start("adaptive").ready().url
+
+
+@pytest.fixture
+def small_loop(servers: Servers) -> str:
+    return servers.start("small_loop").ready().url
+
+
+@pytest.fixture(params=["served", "adaptive"], ids=["continuous", "adaptive"])
+def either_batching(request: pytest.FixtureRequest, servers: Servers) -> str:
+    """The service with each CHATBOT_BATCHING mode."""
+    return servers.start(request.param).ready().url
+
+
+def histogram(server: str, name: str) -> Counter[int]:
+    """Observations so far of the histogram ``name``, by bucket upper bound."""
     metrics = httpx.get(f"{server}/metrics", timeout=10).text
-    buckets = {
-        float(le): float(count)
-        for le, count in re.findall(
-            r'chatbot_batch_conversations_bucket\{le="([\d.]+)"\} ([\d.]+)',
-            metrics,
-        )
-    }
+    pattern = rf'{name}_bucket\{{le="([\d.]+)"\}} ([\d.]+)'
+    buckets = {float(le): float(count) for le, count in re.findall(pattern, metrics)}
     sizes, previous = Counter(), 0.0
     for le in sorted(buckets):
         sizes[int(le)] = int(buckets[le] - previous)
         previous = buckets[le]
     return sizes
+
+
+def batch_sizes(server: str) -> Counter[int]:
+    """How many model batches of each size so far: rows per decode step (continuous
+    batching), or conversations per ``generate`` call (adaptive); a server feeds one."""
+    return histogram(server, "chatbot_rows_per_step") + histogram(
+        server, "chatbot_batch_conversations"
+    )
 
 
 def build_bento(
@@ -473,7 +496,14 @@ def image_build(
 
 # A test that uses one of these starts real processes: it belongs to the ``server`` layer.
 SERVER_FIXTURES = frozenset(
-    {"model_store", "chat_model_store", "server", *SHARED_SERVERS, *BACKGROUND_JOBS}
+    {
+        "model_store",
+        "chat_model_store",
+        "server",
+        "either_batching",
+        *SHARED_SERVERS,
+        *BACKGROUND_JOBS,
+    }
 )
 
 

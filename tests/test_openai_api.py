@@ -112,7 +112,8 @@ def test_the_stream_is_server_sent_events_ending_with_done(server):
     assert events[-1] == "data: [DONE]"
 
 
-def test_whole_replies_share_the_adaptive_batches(server):
+def test_whole_replies_share_batches(either_batching):
+    server = either_batching
     client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     model = model_id(client_for(server))
 

@@ -125,18 +125,19 @@ def test_malformed_bodies_get_a_4xx(server, body):
     assert 400 <= response.status_code < 500, response.text
 
 
-def test_concurrent_requests_all_succeed_and_are_batched(server):
+def test_concurrent_requests_all_succeed_and_are_batched(either_batching):
+    server = either_batching
     before = batch_sizes(server)
     payloads = [legacy(f"Hello number {i}, how are you?") for i in range(2 * CONCURRENCY)]
     responses = asyncio.run(post_concurrently(server, "/chat", payloads))
     assert Counter(r.status_code for r in responses) == {200: len(payloads)}
     assert all(isinstance(r.json(), str) for r in responses)
     batches = batch_sizes(server) - before
-    assert sum(batches.values()) < len(payloads)
     assert max(batches) > 1, batches
 
 
-def test_a_batched_reply_equals_the_reply_computed_alone(server):
+def test_a_batched_reply_equals_the_reply_computed_alone(either_batching):
+    server = either_batching
     prompts = [
         "Hello there!",
         "I like lasagne, do you?",
