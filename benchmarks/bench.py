@@ -1,11 +1,15 @@
-"""Throughput and latency: the BentoML service against the unbatched baseline.
+"""Throughput and latency: the service's two batching modes against the unbatched baseline.
 
-Both servers run the same checkpoint: a randomly initialised Blenderbot with exactly
-the architecture of facebook/blenderbot-400M-distill (364.8 M parameters, real
-tokenizer, from ../shared/blenderbot-tokenizer/), so the compute is the real model's.
+Three servers run the same checkpoint: the service with ``CHATBOT_BATCHING=continuous``
+(the decode loop), the service with ``adaptive`` (BentoML's adaptive batching of whole
+replies) and the original unbatched design. The checkpoint is a randomly initialised
+Blenderbot with exactly the architecture of facebook/blenderbot-400M-distill (364.8 M
+parameters, real tokenizer, from ../shared/blenderbot-tokenizer/), so the compute is
+the real model's.
 Random weights make reply lengths arbitrary, so the checkpoint's generation config
 fixes them (min length = max length). Every number is measured in this run; the
-speedup lines are ratios of this run's service and baseline throughputs.
+``speedup`` lines are ratios of this run's continuous and baseline throughputs, the
+``continuous/adaptive`` lines ratios of the two modes.
 
     python benchmarks/bench.py [--quick] [--model real-400m|tiny] [--dtype auto|bfloat16|...]
 
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -30,7 +35,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,26 +67,60 @@ ARCHITECTURE_KEYS = [
 ]  # fmt: skip
 
 
+MIXED_LENGTHS = (8, 64)
+OPEN_LOOP_LOAD = 0.7  # arrivals at 70% of the adaptive mode's measured capacity
+
+
 @dataclass(frozen=True)
 class Workload:
+    """``concurrency`` clients in a closed loop, or (``open_loop``) Poisson arrivals at
+    ``OPEN_LOOP_LOAD`` of adaptive's mixed-c32 throughput; ``lengths``: each request's
+    ``max_new_tokens`` drawn from this range (fixed seed); ``stream``: OpenAI streaming."""
+
     name: str
     concurrency: int
     requests: int
     options: dict = field(default_factory=dict)
+    lengths: tuple[int, int] | None = None
+    stream: bool = False
+    open_loop: bool = False
+    baseline: bool = True  # the unbatched baseline runs it too
+
+    def payloads(self, chats) -> list[dict]:
+        draw = random.Random(0)
+        payloads = []
+        for i in range(self.requests):
+            options = dict(self.options)
+            if self.lengths:
+                options |= {"num_beams": 1, "max_new_tokens": draw.randint(*self.lengths)}
+            payloads.append({"messages": chats[i % len(chats)], **options})
+        return payloads
 
 
+STREAM_32 = Workload("stream-greedy32-c32", 32, 64, GREEDY_32, stream=True, baseline=False)
+MIXED_32 = Workload("mixed-c32", 32, 64, lengths=MIXED_LENGTHS, baseline=False)
+OPEN_LOOP = Workload(
+    "open-loop", 0, 64, lengths=MIXED_LENGTHS, stream=True, open_loop=True, baseline=False
+)
 FULL = [
     Workload("greedy32-c1", 1, 4, GREEDY_32),
     Workload("greedy32-c8", 8, 16, GREEDY_32),
     Workload("greedy32-c32", 32, 64, GREEDY_32),
     Workload("greedy32-c64", 64, 128, GREEDY_32),
-    Workload("default-c1", 1, 2, MODEL_DEFAULT),
-    Workload("default-c16", 16, 16, MODEL_DEFAULT),
+    STREAM_32,
+    MIXED_32,
+    OPEN_LOOP,
+    Workload("default-c1", 1, 2, MODEL_DEFAULT, baseline=False),
+    Workload("default-c16", 16, 16, MODEL_DEFAULT, baseline=False),
 ]
+# Under 6 minutes on the 2-core CPU: concurrency 16, and the adaptive mode's slowest
+# shape (16 streams, each its own generate) left to the full run.
 QUICK = [
-    Workload("greedy32-c1", 1, 3, GREEDY_32),
-    Workload("greedy32-c8", 8, 8, GREEDY_32),
-    Workload("greedy32-c32", 32, 32, GREEDY_32),
+    Workload("greedy32-c1", 1, 2, GREEDY_32, baseline=False),
+    Workload("greedy32-c16", 16, 16, GREEDY_32),
+    Workload("stream-greedy32-c16", 16, 16, GREEDY_32, stream=True, baseline=False),
+    Workload("mixed-c16", 16, 16, lengths=MIXED_LENGTHS, baseline=False),
+    replace(OPEN_LOOP, requests=12),
 ]
 
 
@@ -95,6 +134,8 @@ class Result:
     latencies: list[float]
     new_tokens: int
     unfinished: int = 0  # still running at the time limit
+    first_tokens: list[float] = field(default_factory=list)  # streams: to first text
+    replies: list[str] = field(default_factory=list)  # by request: to compare the modes
 
     @property
     def replies_per_s(self) -> float:
@@ -104,10 +145,11 @@ class Result:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds
 
-    def percentile(self, q: float) -> float:
-        """Nearest-rank latency percentile over every request sent; a request still
-        running at the time limit counts as infinitely slow, not as absent."""
-        ranked = sorted(self.latencies) + [math.inf] * self.unfinished
+    def percentile(self, q: float, first_token: bool = False) -> float:
+        """Nearest-rank latency (or time to first token) percentile over every request
+        sent; one still running at the time limit counts as infinitely slow."""
+        seen = self.first_tokens if first_token else self.latencies
+        ranked = sorted(seen) + [math.inf] * self.unfinished
         if not ranked:
             return math.nan
         return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
@@ -218,10 +260,16 @@ def decode_rate(
 
     seconds = run(new_tokens) - run(1)
     flops = 2 * weights_per_row * len(batch) * (new_tokens - 1)
+    one_token = DecodingPlan(1, 1, 1, False, 1.0, 1.0)
+    prefill = statistics.median(
+        _timed(lambda ids=ids: engine.generate_ids([ids], one_token)) for ids in batch[:5]
+    )
     return {
         "batch_size": len(batch),
         "decode_seconds": seconds,
         "decode_gflops": flops / seconds / 1e9,
+        "step_seconds": seconds / (new_tokens - 1),
+        "prefill_seconds": prefill,
     }
 
 
@@ -264,11 +312,12 @@ def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator
 
 
 def service(
-    checkpoint: Path, home: Path, max_batch: int, dtype: str
+    checkpoint: Path, home: Path, max_batch: int, dtype: str, batching: str
 ) -> tuple[list[str], dict, str]:
     env = {
         **os.environ, "BENTOML_HOME": str(home), "CHATBOT_MODEL": str(checkpoint),
         "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "True", "CHATBOT_DTYPE": dtype,
+        "CHATBOT_BATCHING": batching,
         "CHATBOT_MAX_BATCH_SIZE": str(max_batch), "CHATBOT_MAX_LATENCY_MS": "3600000",
         "CHATBOT_TIMEOUT_S": "3600",
     }  # fmt: skip
@@ -297,37 +346,87 @@ def baseline(checkpoint: Path, dtype: str) -> tuple[list[str], dict, str]:
 # --- load --------------------------------------------------------------------------
 
 
-async def drive(url: str, server: str, workload: Workload, chats, limit_s: float) -> Result:
-    """Send ``workload.requests`` requests, ``concurrency`` at a time, for at most
-    ``limit_s`` seconds; requests still running then count as not completed."""
-    semaphore = asyncio.Semaphore(workload.concurrency)
-    latencies: list[float] = []
-    tokens, failed = 0, 0
-    limits = httpx.Limits(max_connections=workload.concurrency)
+class _Client:
+    """One request as the workload sends it: ``/respond``, or an OpenAI stream."""
 
-    async with httpx.AsyncClient(base_url=url, timeout=limit_s + 60, limits=limits) as client:
+    def __init__(self, client: httpx.AsyncClient, stream: bool) -> None:
+        self.client, self.stream = client, stream
 
-        async def one(i: int) -> None:
-            nonlocal tokens, failed
-            async with semaphore:
-                payload = {"messages": chats[i % len(chats)], **workload.options}
-                start = time.perf_counter()
-                response = await client.post("/respond", json=payload)
-                if response.status_code != 200:
-                    failed += 1
-                    return
-                latencies.append(time.perf_counter() - start)
-                tokens += response.json()["completion_tokens"]
-
+    async def send(self, payload: dict) -> tuple[float, float | None, int, str] | None:
+        """(latency, time to first text, new tokens, reply), or None when refused."""
         start = time.perf_counter()
-        tasks = [asyncio.create_task(one(i)) for i in range(workload.requests)]
+        if not self.stream:
+            response = await self.client.post("/respond", json=payload)
+            if response.status_code != 200:
+                return None
+            reply = response.json()
+            return time.perf_counter() - start, None, reply["completion_tokens"], reply["reply"]
+        first, tokens, text = None, 0, []
+        request = _openai_stream(payload)
+        async with self.client.stream("POST", "/v1/chat/completions", json=request) as response:
+            if response.status_code != 200:
+                return None
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", []):
+                    if content := choice["delta"].get("content"):
+                        first = first or time.perf_counter() - start
+                        text.append(content)
+        return time.perf_counter() - start, first, tokens, "".join(text)
+
+
+def _openai_stream(payload: dict) -> dict:
+    return {
+        "model": "bench", "messages": payload["messages"], "stream": True,
+        "stream_options": {"include_usage": True}, "temperature": 0,
+        "max_tokens": payload.get("max_new_tokens"), "num_beams": payload.get("num_beams"),
+    }  # fmt: skip
+
+
+async def drive(
+    url: str, server: str, workload: Workload, chats, limit_s: float, rate: float | None = None
+) -> Result:
+    """Send the workload's requests, ``concurrency`` at a time (or at Poisson arrivals
+    of ``rate`` per second), for at most ``limit_s`` seconds; requests still running
+    then count as not completed."""
+    open_loop = workload.open_loop and rate is not None
+    semaphore = asyncio.Semaphore(workload.requests if open_loop else workload.concurrency)
+    result = Result(server, workload.name, 0, 0, 0.0, [], 0)
+    gaps = random.Random(1)
+    limits = httpx.Limits(max_connections=workload.requests)
+    async with httpx.AsyncClient(base_url=url, timeout=limit_s + 60, limits=limits) as client:
+        sender = _Client(client, workload.stream)
+
+        result.replies = [""] * workload.requests
+
+        async def one(index: int, delay_s: float, payload: dict) -> None:
+            await asyncio.sleep(delay_s)
+            async with semaphore:
+                answer = await sender.send(payload)
+            if answer is None:
+                result.failed += 1
+                return
+            latency, first, tokens, reply = answer
+            result.latencies.append(latency)
+            result.first_tokens += [first] if first is not None else []
+            result.new_tokens += tokens
+            result.replies[index] = reply
+
+        start, arrival = time.perf_counter(), 0.0
+        tasks = []
+        for index, payload in enumerate(workload.payloads(chats)):
+            tasks.append(asyncio.create_task(one(index, arrival, payload)))
+            arrival += gaps.expovariate(rate) if open_loop and rate else 0.0
         _, pending = await asyncio.wait(tasks, timeout=limit_s)
         for task in pending:
             task.cancel()
-        seconds = time.perf_counter() - start
-    return Result(
-        server, workload.name, len(latencies), failed, seconds, latencies, tokens, len(pending)
-    )
+        result.seconds = time.perf_counter() - start
+    result.completed, result.unfinished = len(result.latencies), len(pending)
+    return result
 
 
 def wait_until_idle(pid: int, limit_s: float = 600) -> None:
@@ -340,32 +439,102 @@ def wait_until_idle(pid: int, limit_s: float = 600) -> None:
             return
 
 
-def measure(name, spec, workloads, chats, limit_s) -> tuple[list[Result], int]:
+def open_loop_rate(adaptive: list[Result]) -> float:
+    """``OPEN_LOOP_LOAD`` of the adaptive mode's mixed-length throughput."""
+    mixed = next(r for r in adaptive if r.workload.startswith("mixed-"))
+    return OPEN_LOOP_LOAD * mixed.replies_per_s
+
+
+def measure(name, spec, workloads, chats, limit_s, rate) -> tuple[list[Result], int]:
+    """Run ``workloads`` against one server; ``rate`` is the open loop's arrival rate
+    (None: measure adaptive's capacity first, from its mixed-c32 run)."""
     command, env, url = spec
     with running(command, env, f"{url}/readyz") as memory:
         results = []
         for index, workload in enumerate(workloads):
             if index:
                 wait_until_idle(memory.process.pid)
-            results.append(asyncio.run(drive(url, name, workload, chats, limit_s)))
+            if workload.open_loop and rate is None:
+                rate = open_loop_rate(results)
+            if workload.open_loop and name == "adaptive":  # its streams are not batched:
+                workload = replace(workload, stream=False)  # it answers whole replies
+            results.append(asyncio.run(drive(url, name, workload, chats, limit_s, rate)))
         return results, memory.peak
 
 
 # --- report ------------------------------------------------------------------------
 
 
-def speedup(service: Result, base: Result) -> str:
-    """Throughput ratio, or n/a when either side finished nothing within the limit
-    (every request then was still running: no throughput was measured)."""
-    if service.completed and base.completed:
-        return f"{service.replies_per_s / base.replies_per_s:.2f}"
-    counts = f"{service.server} {service.completed}, {base.server} {base.completed}"
-    return f"n/a ({counts} replies in the time limit)"
+def ratio(a: Result, b: Result) -> str:
+    """Throughput ratio a/b, or n/a when either side finished nothing in the limit."""
+    if a.completed and b.completed:
+        return f"{a.replies_per_s / b.replies_per_s:.2f}"
+    return f"n/a ({a.server} {a.completed}, {b.server} {b.completed} replies in the time limit)"
 
 
-def _latency(result: Result, q: float) -> str:
-    value = result.percentile(q)
+def _latency(result: Result, q: float, first_token: bool = False) -> str:
+    value = result.percentile(q, first_token)
     return f"> {result.seconds:.0f}" if value == math.inf else f"{value:.2f}"
+
+
+def _table(results: list[Result]) -> list[str]:
+    lines = [
+        "| server | workload | done | failed | replies/s | tokens/s | p50 s | p95 s | p99 s "
+        "| p95 first token s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        first = _latency(r, 95, first_token=True) if r.first_tokens else ""
+        lines.append(
+            f"| {r.server} | {r.workload} | {r.completed} | {r.failed} | "
+            f"{r.replies_per_s:.3f} | {r.tokens_per_s:.1f} | {_latency(r, 50)} | "
+            f"{_latency(r, 95)} | {_latency(r, 99)} | {first} |"
+        )
+    return lines
+
+
+def _comparisons(results: list[Result], bare: dict) -> list[str]:
+    """The lines that decide: each mode against the baseline and against each other."""
+    by_key = {(r.server, r.workload): r for r in results}
+    lines = []
+    for r in results:
+        if r.server != "continuous":
+            continue
+        # A stream is compared with the baseline's whole replies of the same shape.
+        base = by_key.get(("baseline", r.workload.removeprefix("stream-")))
+        if base:
+            lines.append(f"speedup {r.workload}: {ratio(r, base)}")
+        adaptive = by_key.get(("adaptive", r.workload))
+        if adaptive:
+            lines.append(f"continuous/adaptive {r.workload}: {ratio(r, adaptive)}")
+    for stream in [r for r in results if r.server == "continuous"]:
+        whole = by_key.get(("continuous", stream.workload.removeprefix("stream-")))
+        if stream.workload.startswith("stream-") and whole:
+            lines.append(f"continuous stream/whole {whole.workload}: {ratio(stream, whole)}")
+    opened = [by_key.get((s, OPEN_LOOP.name)) for s in ("continuous", "adaptive")]
+    if opened[0] and opened[1]:
+        p95 = [o.percentile(95) for o in opened]
+        bound = bare["prefill_seconds"] + 3 * bare["step_seconds"]
+        lines += [
+            f"continuous/adaptive open-loop p95 latency: {p95[0] / p95[1]:.2f} "
+            f"({p95[0]:.2f} s / {p95[1]:.2f} s)",
+            f"open-loop p95 time to first token: {opened[0].percentile(95, True):.2f} s "
+            f"(prefill + 3 full-batch decode steps = {bound:.2f} s)",
+        ]
+    for server in ("continuous", "adaptive"):
+        if c1 := by_key.get((server, "greedy32-c1")):
+            lines.append(
+                f"overhead greedy32-c1 {server}: p50 / bare generate = "
+                f"{c1.percentile(50) / bare['loop_latency_s']:.3f}"
+            )
+    for a in [r for r in results if r.server == "continuous" and r.workload.startswith("greedy")]:
+        if b := by_key.get(("adaptive", a.workload)):
+            pairs = [(x, y) for x, y in zip(a.replies, b.replies, strict=True) if x and y]
+            same = sum(x == y for x, y in pairs)
+            lines.append(
+                f"identical replies continuous vs adaptive {a.workload}: {same} of {len(pairs)}"
+            )
+    return lines
 
 
 def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: dict) -> str:
@@ -374,31 +543,15 @@ def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: di
         f"{machine['threads']} threads",
         f"model: {machine['model']} on {machine['device']} in {machine['dtype']}",
         "",
-        "| server | workload | done | failed | replies/s | tokens/s | p50 s | p95 s | p99 s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.server} | {r.workload} | {r.completed} | {r.failed} | "
-            f"{r.replies_per_s:.3f} | {r.tokens_per_s:.1f} | {_latency(r, 50)} | "
-            f"{_latency(r, 95)} | {_latency(r, 99)} |"
-        )
-    lines += ["", *(f"peak RSS {name}: {peak / 2**30:.2f} GiB" for name, peak in peaks.items()), ""]
-    lines.append(
+        *_table(results),
+        "",
+        *(f"peak RSS {name}: {peak / 2**30:.2f} GiB" for name, peak in peaks.items()),
+        "",
         f"kernels greedy32-c1: bare generate stock / packed = "
         f"{bare['loop_latency_stock_s'] / bare['loop_latency_s']:.2f} "
-        f"({bare['loop_latency_stock_s']:.2f} s / {bare['loop_latency_s']:.2f} s)"
-    )
-    by_key = {(r.server, r.workload): r for r in results}
-    for r in results:
-        if r.server == "service" and ("baseline", r.workload) in by_key:
-            lines.append(f"speedup {r.workload}: {speedup(r, by_key[('baseline', r.workload)])}")
-    c1 = by_key.get(("service", "greedy32-c1"))
-    if c1:
-        lines.append(
-            f"overhead greedy32-c1: service p50 / bare generate = "
-            f"{c1.percentile(50) / bare['loop_latency_s']:.3f}"
-        )
+        f"({bare['loop_latency_stock_s']:.2f} s / {bare['loop_latency_s']:.2f} s)",
+        *_comparisons(results, bare),
+    ]
     if "identical_replies" in bare:
         lines.append(
             f"agreement with float32: {bare['identical_replies']} of "
@@ -454,14 +607,18 @@ def main() -> None:
         del reference
     del engine
 
-    results, peaks = [], {}
+    results: list[Result] = []
+    peaks: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as home:
-        for name, spec in [
-            ("service", service(checkpoint, Path(home), max_batch, args.dtype)),
-            ("baseline", baseline(checkpoint, args.dtype)),
-        ]:
-            server_results, peaks[name] = measure(name, spec, workloads, chats, limit_s)
-            results += server_results
+        servers = [
+            (mode, service(checkpoint, Path(home), max_batch, args.dtype, mode))
+            for mode in ("adaptive", "continuous")  # adaptive first: it sets the open loop
+        ] + [("baseline", baseline(checkpoint, args.dtype))]
+        for name, spec in servers:
+            mine = [w for w in workloads if w.baseline or name != "baseline"]
+            rate = open_loop_rate(results) if name == "continuous" else None
+            found, peaks[name] = measure(name, spec, mine, chats, limit_s, rate)
+            results += found
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -230,7 +230,7 @@ class ChatEngine:
     ) -> ChatReply:
         """The reply to ``prompt`` whose new token ids are ``output``."""
         return ChatReply(
-            reply=self._text(output),
+            reply=self.text_of(output),
             model=self.model_name,
             prompt_tokens=len(prompt.input_ids),
             completion_tokens=len(output),
@@ -295,7 +295,8 @@ class ChatEngine:
             lambda ids: self._finish_reason(ids, plan),
         )  # fmt: skip
 
-    def _text(self, ids: list[int]) -> str:
+    def text_of(self, ids: list[int]) -> str:
+        """The reply text of new token ids, as every route gives it."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         assert isinstance(text, str)  # one sequence in, one text out
         return text.strip()

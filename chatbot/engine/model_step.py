@@ -137,6 +137,7 @@ class EncoderDecoderStep(ModelStep):
         hidden = decoder.embed_tokens(tokens[:, None])
         hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
         width = int(positions.max()) + 1
+        self.slots.reserve(n, width)
         self_mask = _prefix_mask(positions + 1, width)
         prompt_lengths = self.prompt_lengths[:n]
         prompt_width = int(prompt_lengths.max())
@@ -208,6 +209,7 @@ class DecoderOnlyStep(ModelStep):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         width = int(positions.max()) + 1
+        self.slots.reserve(tokens.shape[0], width)
         mask = _prefix_mask(positions + 1, width)
         if mask is None:  # transformers would build its own mask otherwise
             mask = torch.ones((tokens.shape[0], 1, 1, width), dtype=torch.bool, device=self.device)

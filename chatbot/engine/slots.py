@@ -2,11 +2,11 @@
 
 Row ``i`` of every buffer belongs to one row of the decode batch (a reply, or one beam
 of a reply), and the running rows are always ``0 .. n-1``, so a step reads each layer's
-keys as one slice, never a gather. A reply that finishes leaves a hole that the last
-rows move into (a copy of those few rows only); a beam step reorders its group's rows
-in place. Buffers hold every position a row may reach, so a new token is written in
-place at its own position and nothing grows during a reply; the row count grows by
-doubling, up to the scheduler's row budget.
+keys as one slice, never a gather. A reply that finishes leaves a hole that the rows
+behind it move into; a beam step reorders its group's rows in place. A new token is
+written in place at its own position. Rows and positions grow by doubling when needed
+(rows up to the scheduler's row budget, positions up to the model's context), so a
+model with a long context costs memory for the lengths actually used.
 """
 
 from __future__ import annotations
@@ -26,29 +26,37 @@ class RowSlots:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.shape = (heads, positions, head_dim)
+        self.heads, self.head_dim, self.max_positions = heads, head_dim, positions
         self.dtype, self.device = dtype, device
-        self.keys = [self._empty(0) for _ in range(layers)]
-        self.values = [self._empty(0) for _ in range(layers)]
+        self.keys = [self._empty(0, 0) for _ in range(layers)]
+        self.values = [self._empty(0, 0) for _ in range(layers)]
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[0]
 
-    def bytes_per_row(self) -> int:
-        heads, positions, head_dim = self.shape
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * len(self.keys) * heads * positions * head_dim * element
+    @property
+    def width(self) -> int:
+        return self.keys[0].shape[2]
 
-    def reserve(self, rows: int) -> None:
-        """Room for ``rows`` running rows (the first rows keep their contents)."""
-        if rows <= self.capacity:
+    def bytes_per_row(self, positions: int | None = None) -> int:
+        """Key/value bytes of one row holding ``positions`` (default: the most)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        positions = positions or self.max_positions
+        return 2 * len(self.keys) * self.heads * positions * self.head_dim * element
+
+    def reserve(self, rows: int, positions: int = 1) -> None:
+        """Room for ``rows`` running rows of ``positions`` each (contents kept)."""
+        if rows <= self.capacity and positions <= self.width:
             return
-        size = max(rows, 2 * self.capacity)
+        size = max(rows, 2 * self.capacity) if rows > self.capacity else self.capacity
+        width = self.width
+        if positions > width:
+            width = min(max(positions, 2 * width, 16), self.max_positions)
         for buffers in (self.keys, self.values):
             for layer, old in enumerate(buffers):
-                grown = self._empty(size)
-                grown[: old.shape[0]] = old
+                grown = self._empty(size, width)
+                grown[: old.shape[0], :, : old.shape[2]] = old
                 buffers[layer] = grown
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
@@ -61,6 +69,7 @@ class RowSlots:
     def fill(self, layer: int, rows: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store a prompt's positions 0..L-1 (``keys`` (1 or len(rows), heads, L, dim))."""
         length = keys.shape[2]
+        self.reserve(rows.stop, length)
         self.keys[layer][rows, :, :length] = keys
         self.values[layer][rows, :, :length] = values
 
@@ -84,5 +93,7 @@ class RowSlots:
             for buffer in buffers:
                 buffer[group] = buffer[index]
 
-    def _empty(self, rows: int) -> torch.Tensor:
-        return torch.zeros((rows, *self.shape), dtype=self.dtype, device=self.device)
+    def _empty(self, rows: int, positions: int) -> torch.Tensor:
+        # Zeros, not empty: a masked position still enters attention's value product.
+        shape = (rows, self.heads, positions, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
