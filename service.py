@@ -75,7 +75,8 @@ class Chatbot:
         self.continuous: ContinuousBatcher | None = None
         self.loading = asyncio.create_task(asyncio.to_thread(self._load))
         openai_v1.state.backend = self
-        # Requests arriving together reach the batcher in one call (chatbot.engine.coalescing).
+        # Adaptive mode: requests arriving together reach the batcher in one call
+        # (chatbot.engine.coalescing); the decode loop needs no such help.
         # self.generate is looked up at each call: at startup it is still the plain
         # method, which would skip BentoML's batching dispatcher.
         self.batched: Coalescer[ChatRequest, ChatReply] = Coalescer(

@@ -217,3 +217,17 @@ def test_more_beams_than_rows_is_a_validation_error(engine):
 
     with pytest.raises(ValidationError, match="at most 4 beams"):
         run(engine, scenario, max_rows=4)
+
+
+def test_stopping_the_loop_fails_what_it_holds_instead_of_leaving_it_hanging(engine):
+    async def scenario(batcher: ContinuousBatcher) -> list[ChatReply | BaseException]:
+        asking = [batcher.reply(request(p, num_beams=1, max_new_tokens=120)) for p in PROMPTS]
+        replies = asyncio.gather(*asking, return_exceptions=True)
+        while not batcher.loop.running:
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(batcher.close)
+        return await asyncio.wait_for(replies, timeout=30)
+
+    results = run(engine, scenario, max_rows=2)
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    assert "stopped" in str(results[-1])

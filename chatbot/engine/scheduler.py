@@ -18,6 +18,7 @@ lock around the model and a step never waits for anything but the model.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from chatbot.engine.decoding import Decoding
 from chatbot.engine.model_step import ModelStep
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -139,11 +141,22 @@ class DecodeLoop:
                     self._wake.wait()
                 if self._closed:
                     break
-            with torch.inference_mode():
-                self._iterate()
-        stopped = RuntimeError("the decode loop was stopped")
-        for job in [*self.waiting, *self.running]:
-            self._guard(job, partial(job.sink.fail, stopped))
+            try:
+                with torch.inference_mode():
+                    self._iterate()
+            except Exception as error:  # a bug or out of memory: nobody may hang on it
+                logger.exception("decode step failed; failing the replies in the loop")
+                self._fail_all(error, waiting=False)
+        self._fail_all(RuntimeError("the decode loop was stopped"), waiting=True)
+
+    def _fail_all(self, error: Exception, waiting: bool) -> None:
+        jobs = self.running
+        self.running = []
+        if waiting:
+            with self._wake:
+                jobs, self.waiting = [*self.waiting, *jobs], deque()
+        for job in jobs:
+            self._guard(job, partial(job.sink.fail, error))
 
     def _iterate(self) -> None:
         self._admit()
