@@ -14,29 +14,18 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from pydantic import ValidationError
+from test_engine import PROMPTS, request
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.scheduler import Job, QueueFull
 from chatbot.schemas import ChatReply, ChatRequest
 
-PROMPTS = [
-    "Hello, how are you today?",
-    "I like lasagne.",
-    "What do you think about the weather in Provo?",
-    "My dog is called Rex </s> and he likes <mask> bones.",
-    "ok",
-    "Tell me something about yourself, I have a long evening ahead of me and want to talk.",
-]
 OPTIONS = [
     pytest.param({"num_beams": 1, "max_new_tokens": 24}, id="greedy"),
     pytest.param({"num_beams": 3, "max_new_tokens": 20}, id="beams"),
     pytest.param({}, id="model-default"),
 ]
-
-
-def request(text: str, **options) -> ChatRequest:
-    return ChatRequest(messages=[{"role": "user", "content": text}], **options)
 
 
 @pytest.fixture(params=["engine", "chat_engine"], ids=["blenderbot", "decoder-only"])
