@@ -1,8 +1,8 @@
 """OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
 Any OpenAI client (the official ``openai`` package, LangChain, curl scripts) can talk
-to the service. A whole reply goes through the same adaptive batching as ``/respond``;
-``stream: true`` sends the reply as server-sent events while it is written.
+to the service. Replies, whole or streamed, are batched like ``/respond``'s (the decode
+loop, or adaptive batching); ``stream: true`` sends the reply as server-sent events.
 
 Honoured fields: ``messages`` (system,
 developer, user and assistant turns; text content), ``max_tokens`` /
