@@ -292,7 +292,7 @@ class ChatEngine:
 
         return ReplyStream.from_generate(
             self.tokenizer, generate, encoded,
-            lambda ids: self._finish_reason(ids, plan),
+            self.finish_reason_of(plan),
         )  # fmt: skip
 
     def text_of(self, ids: list[int]) -> str:

@@ -54,14 +54,15 @@ class ModelStep(ABC):
         self.slots.reserve(rows)
 
     def move(self, source: list[int], target: list[int]) -> None:
-        index = torch.tensor(source, device=self.device), torch.tensor(target, device=self.device)
-        self.slots.move(*index)
+        """Rows ``source`` move into rows ``target`` (the scheduler's compaction)."""
+        device = self.device
+        self._move_rows(torch.tensor(source, device=device), torch.tensor(target, device=device))
+
+    def _move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        self.slots.move(source, target)
 
     def reorder(self, first: int, parents: torch.Tensor) -> None:
         self.slots.reorder(first, parents)
-
-    def bytes_per_row(self) -> int:
-        return self.slots.bytes_per_row()
 
 
 def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor | None:
@@ -93,14 +94,10 @@ class EncoderDecoderStep(ModelStep):
             grown[: self.prompt_lengths.shape[0]] = self.prompt_lengths
             self.prompt_lengths = grown
 
-    def move(self, source: list[int], target: list[int]) -> None:
-        super().move(source, target)
-        index = torch.tensor(source, device=self.device), torch.tensor(target, device=self.device)
-        self.cross.move(*index)
-        self.prompt_lengths[index[1]] = self.prompt_lengths[index[0]]
-
-    def bytes_per_row(self) -> int:
-        return self.slots.bytes_per_row() + self.cross.bytes_per_row()
+    def _move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        super()._move_rows(source, target)
+        self.cross.move(source, target)
+        self.prompt_lengths[target] = self.prompt_lengths[source]
 
     def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
         longest = max(len(p) for p in prompts)

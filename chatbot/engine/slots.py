@@ -39,12 +39,6 @@ class RowSlots:
     def width(self) -> int:
         return self.keys[0].shape[2]
 
-    def bytes_per_row(self, positions: int | None = None) -> int:
-        """Key/value bytes of one row holding ``positions`` (default: the most)."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        positions = positions or self.max_positions
-        return 2 * len(self.keys) * self.heads * positions * self.head_dim * element
-
     def reserve(self, rows: int, positions: int = 1) -> None:
         """Room for ``rows`` running rows of ``positions`` each (contents kept)."""
         if rows <= self.capacity and positions <= self.width:
