@@ -17,22 +17,23 @@ from typing import Annotated, Any, cast
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
 from bentoml.validators import ContentType
-from pydantic import BaseModel
+from pydantic import BaseModel, WithJsonSchema
 from starlette.responses import JSONResponse
 
-from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.chat_engine import ChatEngine, Request
 from chatbot.engine.coalescing import Coalescer
 from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.scheduler import QueueFull
 from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
+from chatbot.http.json_only import JsonOnly
 from chatbot.http.loop_metrics import LoopMetrics
 from chatbot.http.openai_api import build_openai_app
 from chatbot.http.openapi_spec import CompletedSpec
 from chatbot.http.readable_errors import ReadableValidationErrors
 from chatbot.http.request_log import RequestLog, note_tokens
-from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
-from chatbot.settings import Settings
+from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo, TextRequest
+from chatbot.settings import Settings, display_name
 
 settings = Settings.from_env()
 CONTINUOUS = settings.batching == "continuous"
@@ -48,6 +49,17 @@ class BentoArgs(BaseModel):
 
 
 args = bentoml.use_arguments(BentoArgs)
+
+# /chat answers a JSON string, which ``requests.post(...).json()`` (the original design's
+# client) reads as the reply. BentoML's own clients read the service's /schema.json and
+# return any output whose schema says ``"type": "string"`` as raw text, JSON quotes and
+# all; the same schema wrapped in ``anyOf`` makes them JSON-decode it, so they too get
+# the plain reply.
+ReplyText = Annotated[
+    str,
+    ContentType("application/json"),
+    WithJsonSchema({"anyOf": [{"type": "string"}], "description": "The reply, a JSON string"}),
+]
 
 # The dispatcher's own adaptive_batch_size counts calls, and a coalesced call carries
 # several conversations: this counts what shares one model.generate.
@@ -79,17 +91,21 @@ class Chatbot:
         # (chatbot.engine.coalescing); the decode loop needs no such help.
         # self.generate is looked up at each call: at startup it is still the plain
         # method, which would skip BentoML's batching dispatcher.
+        coalescing = (settings.coalesce_ms / 1000, 10 * settings.coalesce_ms / 1000)
         self.batched: Coalescer[ChatRequest, ChatReply] = Coalescer(
-            lambda requests: self.generate(requests),
-            settings.coalesce_ms / 1000,
-            10 * settings.coalesce_ms / 1000,
+            lambda requests: self.generate(requests), *coalescing
+        )
+        # Texts to continue (/v1/completions) are not conversations, which is all the
+        # batch API's schema takes: they are batched among themselves.
+        self.texts_batched: Coalescer[TextRequest, ChatReply] = Coalescer(
+            self._continue_texts, *coalescing
         )
 
     def _load(self) -> ChatEngine:
         metadata = self.model.info.metadata
         engine = ChatEngine.load(
             self.model.path,
-            metadata.get("source", str(self.model.tag)),
+            settings.model_name or display_name(metadata.get("source", str(self.model.tag))),
             pack_weights=settings.pack_weights,
             note=metadata.get("note") or None,
             dtype=settings.dtype,
@@ -133,13 +149,17 @@ class Chatbot:
             return busy_response()  # type: ignore[return-value]  # BentoML sends a Response as is
 
     @bentoml.api(input_spec=LegacyChatRequest)
-    async def chat(self, **request: Any) -> Annotated[str, ContentType("application/json")]:
+    async def chat(self, **request: Any) -> ReplyText:
         """The original design's endpoint: the reply as a JSON string."""
         try:
             reply = await self.reply(LegacyChatRequest(**request).to_chat_request())
         except BUSY:
             return busy_response()  # type: ignore[return-value]  # BentoML sends a Response as is
         return JSONResponse(reply.reply)  # type: ignore[return-value]  # a bare str goes out as text/plain
+
+    async def _continue_texts(self, requests: list[TextRequest]) -> list[ChatReply]:
+        engine = await asyncio.shield(self.loading)
+        return await asyncio.to_thread(engine.generate, requests)
 
     @bentoml.api
     async def info(self) -> ModelInfo:
@@ -152,32 +172,37 @@ class Chatbot:
         engine = await asyncio.shield(self.loading)
         return engine.info()
 
-    async def stream(self, request: ChatRequest) -> ReplyStream:
+    async def stream(self, request: Request) -> ReplyStream:
         """One reply as it is written: a decode-loop row, or its own ``generate``."""
         engine = await asyncio.shield(self.loading)
         if self.continuous is not None:
             return self.continuous.stream(request)
         return engine.stream(request)  # checks the request itself
 
-    async def reply(self, request: ChatRequest) -> ChatReply:
+    async def reply(self, request: Request) -> ChatReply:
         """Batch ``request`` with the others; one of BUSY when the queue is full
         (or the batcher predicts a wait past CHATBOT_MAX_LATENCY_MS)."""
         engine = await asyncio.shield(self.loading)
         if self.continuous is not None:
             reply = await self.continuous.reply(request)
         else:
-            engine.check(request)
-            reply = await self.batched(request)
+            engine.check_batchable(request)
+            if isinstance(request, TextRequest):
+                reply = await self.texts_batched(request)
+            else:
+                reply = await self.batched(request)
         note_tokens(reply.prompt_tokens, reply.completion_tokens)
         return reply
 
 
-# Outermost first: every outside request gets an id and a log line, then admission,
+# Outermost first: every outside request gets an id and a log line, a body that is not
+# JSON is refused, then admission,
 # then validation errors in the shape the OpenAPI spec declares, and the spec itself
 # completed with what BentoML leaves out of it.
 # (The decorators made Chatbot a bentoml.Service; mypy keeps a decorated class's own type.)
 service = cast("bentoml.Service[Chatbot]", Chatbot)
 service.add_asgi_middleware(RequestLog, log_content=settings.log_content)
+service.add_asgi_middleware(JsonOnly)
 service.add_asgi_middleware(
     Admission,
     limits=Limits(

@@ -6,9 +6,16 @@ Validation lives here, not in handlers, so a bad request is refused with a preci
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 MAX_MESSAGE_CHARS = 4_000
 """Longest single message accepted; Blenderbot only ever sees 128 tokens anyway."""
@@ -20,6 +27,12 @@ MAX_BEAMS = 16
 
 MAX_NEW_TOKENS = 1024
 """Most new tokens one reply may ask for; a model's own limit may be lower."""
+
+MAX_STOPS = 4
+"""Most stop texts one request may give (OpenAI's limit)."""
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token ``top_logprobs`` may ask for (OpenAI's limit)."""
 
 FinishReason = Literal["stop", "length"]
 """Why a reply ended: the model ended it, or the length limit did (OpenAI's names)."""
@@ -57,16 +70,20 @@ class Message(_Strict):
 _TopP = Annotated[
     float, Field(gt=0.0, le=1.0, json_schema_extra={"minimum": 0.0, "exclusiveMinimum": True})
 ]
-# Below 0.01, logits divided by the temperature overflow to inf and sampling fails
-# (found by fuzzing: temperature 5e-324 was a 500).
+# Below 0.01, logits divided by the temperature (or repetition_penalty) overflow to inf
+# and sampling fails (found by fuzzing: temperature 5e-324 was a 500).
 _Temperature = Annotated[float, Field(ge=0.01, le=2.0)]
+_Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+_StopText = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class GenerationOptions(_Strict):
     """Per-request overrides of the model's own ``generation_config``.
 
     ``None`` means "the model's default" (for blenderbot-400M-distill: 10 beams,
-    at least 19 and at most 59 new tokens, no sampling).
+    at least 19 and at most 59 new tokens, no sampling). The names and meanings are
+    OpenAI's where OpenAI has the option, vLLM's extras (``top_k``, ``min_p``,
+    ``repetition_penalty``) otherwise, so ``/respond`` and ``/v1`` share this model.
     """
 
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
@@ -74,13 +91,67 @@ class GenerationOptions(_Strict):
     do_sample: bool | None = None
     temperature: _Temperature | None = None
     top_p: _TopP | None = None
+    top_k: int | None = Field(
+        default=None, ge=1, description="Sample from the k likeliest tokens only."
+    )
+    min_p: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Drop tokens less likely than min_p times the likeliest one.",
+    )  # fmt: skip
+    stop: list[_StopText] | None = Field(
+        default=None, max_length=MAX_STOPS,
+        description=f"Up to {MAX_STOPS} texts; the reply ends before the first one "
+        "written, which is never sent (finish_reason stop).",
+    )  # fmt: skip
+    seed: int | None = Field(
+        default=None, ge=-(2**63), lt=2**64,
+        description="Sampling with the same seed gives the same reply, whatever "
+        "else is decoded at the same time.",
+    )  # fmt: skip
+    frequency_penalty: _Penalty | None = Field(
+        default=None, description="OpenAI's: minus penalty x times the token was written."
+    )
+    presence_penalty: _Penalty | None = Field(
+        default=None, description="OpenAI's: minus penalty once a token was written."
+    )
+    repetition_penalty: float | None = Field(
+        default=None, ge=0.01, le=10.0,
+        description="transformers' (CTRL's): divides the scores of tokens already "
+        "in the prompt or reply.",
+    )  # fmt: skip
+    logprobs: bool = Field(
+        default=False, description="Return the log-probability of each reply token."
+    )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the likeliest alternatives at each token.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _sampling_options_need_sampling(self) -> GenerationOptions:
-        uses_sampling_knobs = self.temperature is not None or self.top_p is not None
-        if self.do_sample is False and uses_sampling_knobs:
-            raise ValueError("temperature and top_p only apply when do_sample is true")
+        knobs = [
+            name for name in ("temperature", "top_p", "top_k", "min_p")
+            if getattr(self, name) is not None
+        ]  # fmt: skip
+        if self.do_sample is False and knobs:
+            raise ValueError(f"{', '.join(knobs)} only apply when do_sample is true")
         return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> GenerationOptions:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs true")
+        return self
+
+    @property
+    def stop_texts(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    @property
+    def uses_sampling_knobs(self) -> bool:
+        return any(
+            value is not None for value in (self.temperature, self.top_p, self.top_k, self.min_p)
+        )
 
 
 class ChatRequest(GenerationOptions):
@@ -93,6 +164,13 @@ class ChatRequest(GenerationOptions):
         if self.messages[-1].role != "user":
             raise ValueError("the last message must come from the user")
         return self
+
+
+class TextRequest(GenerationOptions):
+    """Raw text for the model to continue (``/v1/completions``): a decoder-only model
+    reads it as it is, with no chat template; Blenderbot takes it as one user turn."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS * 4)
 
 
 class LegacyChatRequest(_Strict):
@@ -122,6 +200,21 @@ class LegacyChatRequest(_Strict):
         return ChatRequest(messages=messages)
 
 
+class TopLogprob(BaseModel):
+    """One candidate token, in OpenAI's shape."""
+
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+
+class TokenLogprob(TopLogprob):
+    """A reply token's log-probability under the model (before temperature or
+    penalties change the scores), with the likeliest alternatives when asked."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class ChatReply(BaseModel):
     """The model's answer and what it cost."""
 
@@ -134,8 +227,22 @@ class ChatReply(BaseModel):
     )
     finish_reason: FinishReason = Field(
         default="stop",
-        description="stop: the model ended its reply; length: max_new_tokens cut it.",
+        description="stop: the model ended its reply, or a stop text did; "
+        "length: max_new_tokens cut it.",
     )
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, description="Only with logprobs: one entry per reply token."
+    )
+
+    @model_serializer(mode="wrap")
+    def _logprobs_only_when_asked(self, write: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A reply without log-probabilities has no ``logprobs`` key, rather than a
+        null: the shape clients already know, and BentoML's client fails on a null
+        where its schema says array."""
+        data: dict[str, Any] = write(self)
+        if self.logprobs is None:
+            data.pop("logprobs", None)
+        return data
 
 
 class ModelInfo(BaseModel):

@@ -29,6 +29,25 @@ def store_name_for(source: str) -> str:
     return name.strip("-._")[:_TAG_NAME_MAX].rstrip("-._") or "chatbot-model"
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_QUANTIZATION = re.compile(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", re.IGNORECASE)
+
+
+def display_name(source: str) -> str:
+    """The model's name in every answer (``/v1/models``, ``/info``, the chat page).
+
+    A hub id is its own name. A local checkpoint is named by its folder, a GGUF file by
+    its file name without extension and quantization (``SmolLM2-135M-Instruct.Q4_1.gguf``
+    -> ``SmolLM2-135M-Instruct``): a path on the machine that imported the model means
+    nothing to a client, and tells it how that machine is laid out. Decided by shape,
+    since a Bento is served where that path does not exist.
+    """
+    if _HUB_ID.fullmatch(source) and not source.endswith(".gguf"):
+        return source
+    name = os.path.basename(os.path.normpath(source)).removesuffix(".gguf")
+    return _QUANTIZATION.sub("", name) or "chatbot-model"
+
+
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else default
@@ -71,6 +90,7 @@ class Settings:
 
     model: str
     model_tag: str
+    model_name: str | None
     batching: str
     max_rows: int
     max_waiting: int
@@ -92,6 +112,7 @@ class Settings:
             model=model,
             model_tag=os.environ.get("CHATBOT_MODEL_TAG", "").strip()
             or f"{store_name_for(model)}:latest",
+            model_name=os.environ.get("CHATBOT_MODEL_NAME", "").strip() or None,
             batching=_choice("CHATBOT_BATCHING", "continuous", BATCHING_CHOICES),
             max_rows=_int("CHATBOT_MAX_ROWS", 128),
             max_waiting=_int("CHATBOT_MAX_WAITING", 256),

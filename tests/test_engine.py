@@ -27,7 +27,7 @@ def test_defaults_come_from_the_models_generation_config(engine: ChatEngine):
     # lengths, start token included).
     assert engine.defaults == DecodingPlan(
         max_new_tokens=59, min_new_tokens=19, num_beams=10,
-        do_sample=False, temperature=1.0, top_p=1.0,
+        do_sample=False, temperature=1.0, top_p=1.0, top_k=None,
     )  # fmt: skip
     assert engine.plan(request("hi")) == engine.defaults
 

@@ -41,7 +41,7 @@ def test_it_is_served_as_a_decoder_only_chat_model_that_says_what_it_is(make_run
     info = httpx.post(f"{make_run.url}/info", json={}, timeout=30).json()
     assert (info["family"], info["model"], info["note"]) == (
         "decoder-only",
-        str(OFFLINE_MODEL),
+        "SmolLM2-135M-Instruct",
         NOTE,
     )
 

@@ -134,13 +134,20 @@ def test_whole_replies_share_batches(either_batching):
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        ({"n": 2}, openai.BadRequestError, "n"),
+        ({"n": 9}, openai.BadRequestError, "n"),
         ({"stream": True, "extra_body": {"num_beams": 4}}, openai.BadRequestError,
          "beam search cannot stream"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, openai.BadRequestError,
          "the last message must come from the user"),
         ({"temperature": 3}, openai.BadRequestError, "temperature"),
-        ({"extra_body": {"frequency_penaltyy": 1}}, openai.BadRequestError, "frequency_penaltyy"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop"),
+        ({"top_logprobs": 2}, openai.BadRequestError, "top_logprobs needs logprobs"),
+        ({"logprobs": True, "extra_body": {"num_beams": 4}}, openai.BadRequestError,
+         "log-probabilities need num_beams 1"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+         openai.BadRequestError, "tools: this service does not call tools"),
+        ({"response_format": {"type": "json_object"}}, openai.BadRequestError,
+         "response_format: 'json_object' cannot be guaranteed"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_honoured_is_a_4xx_with_a_message(server, change, error, message):

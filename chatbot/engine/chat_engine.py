@@ -24,17 +24,39 @@ from transformers import (
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
-from chatbot.engine.decoding import Decoding, start_decoding
+from chatbot.engine import stop_texts
+from chatbot.engine.decoding import Decoding, ExtraRules, TokenChoice, start_decoding
 from chatbot.engine.families import detect_family
 from chatbot.engine.model_step import ModelStep
 from chatbot.engine.packed_linear import pack_linear_layers, skip_redundant_rows
+from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.streaming import ReplyStream
+from chatbot.engine.token_bytes import token_bytes
 from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.prompts.chat_template import TemplateRefused
-from chatbot.schemas import ChatReply, ChatRequest, FinishReason, GenerationOptions, ModelInfo
+from chatbot.schemas import (
+    ChatReply,
+    ChatRequest,
+    FinishReason,
+    GenerationOptions,
+    ModelInfo,
+    TextRequest,
+    TokenLogprob,
+    TopLogprob,
+)
 from chatbot.settings import DTYPE_CHOICES
+
+Request = ChatRequest | TextRequest
+"""A conversation to answer, or raw text to continue (``/v1/completions``)."""
+
+_NEEDS_THE_LOOP = (
+    "needs the decode loop: adaptive batching decodes a batch of replies with "
+    "shared random numbers and keeps no log-probabilities (CHATBOT_BATCHING=continuous)"
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,15 @@ class DecodingPlan:
     do_sample: bool
     temperature: float
     top_p: float
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stops: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int | None = None
+    """None: no log-probabilities; else how many alternatives each token lists."""
 
 
 def options_error(field: str, value: object, message: str) -> ValidationError:
@@ -109,6 +140,7 @@ class ChatEngine:
         self.note = note
         self.window, self.max_new_tokens_limit = self.family.limits(model.config, tokenizer)
         self.eos_ids = self._eos_ids(model.generation_config, tokenizer)
+        self._textless_ids = self.eos_ids | frozenset(tokenizer.all_special_ids)
         self.defaults = self._model_defaults(model.generation_config)
 
     @classmethod
@@ -157,6 +189,9 @@ class ChatEngine:
             do_sample=bool(config.do_sample),
             temperature=config.temperature or 1.0,
             top_p=config.top_p or 1.0,
+            top_k=config.top_k,
+            min_p=config.min_p,
+            repetition_penalty=config.repetition_penalty,
         )
 
     def info(self) -> ModelInfo:
@@ -172,7 +207,7 @@ class ChatEngine:
             default_do_sample=self.defaults.do_sample,
         )
 
-    def check(self, request: ChatRequest) -> EncodedConversation:
+    def check(self, request: Request) -> EncodedConversation:
         """Refuse what this model cannot honour, with a pydantic ValidationError;
         otherwise the prompt the model would read."""
         limit = self.max_new_tokens_limit
@@ -192,10 +227,12 @@ class ChatEngine:
         """
         d = self.defaults
         max_new = min(options.max_new_tokens or d.max_new_tokens, self.max_new_tokens_limit)
-        sampling_knobs = options.temperature is not None or options.top_p is not None
         do_sample = (
-            options.do_sample if options.do_sample is not None else d.do_sample or sampling_knobs
+            options.do_sample
+            if options.do_sample is not None
+            else d.do_sample or options.uses_sampling_knobs
         )
+
         return DecodingPlan(
             max_new_tokens=max_new,
             min_new_tokens=min(d.min_new_tokens, max_new),
@@ -204,15 +241,35 @@ class ChatEngine:
             # Greedy and beam search ignore these: fix them so such plans group.
             temperature=(options.temperature or d.temperature) if do_sample else 1.0,
             top_p=(options.top_p or d.top_p) if do_sample else 1.0,
+            top_k=(options.top_k or d.top_k) if do_sample else d.top_k,
+            min_p=(options.min_p or d.min_p) if do_sample else d.min_p,
+            repetition_penalty=options.repetition_penalty or d.repetition_penalty,
+            frequency_penalty=options.frequency_penalty or 0.0,
+            presence_penalty=options.presence_penalty or 0.0,
+            stops=options.stop_texts,
+            seed=options.seed if do_sample else None,
+            top_logprobs=(options.top_logprobs or 0) if options.logprobs else None,
         )
 
-    def encode(self, request: ChatRequest) -> EncodedConversation:
+    def encode(self, request: Request) -> EncodedConversation:
+        if isinstance(request, TextRequest):
+            return self.family.encode_text(self.tokenizer, request.prompt, self.window)
         try:
             return self.family.encode(self.tokenizer, request.messages, self.window)
         except TemplateRefused as refused:
             raise options_error("messages", "(conversation)", str(refused)) from None
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
+    def check_batchable(self, request: Request) -> EncodedConversation:
+        """``check``, and refuse what a shared ``generate`` call cannot do per request
+        (adaptive batching): its own random numbers, log-probabilities."""
+        plan = self.plan(request)
+        if plan.seed is not None:
+            raise options_error("seed", plan.seed, _NEEDS_THE_LOOP)
+        if plan.top_logprobs is not None:
+            raise options_error("logprobs", True, _NEEDS_THE_LOOP)
+        return self.check(request)
+
+    def generate(self, requests: Sequence[Request]) -> list[ChatReply]:
         """Answer every request; one ``generate`` call per distinct decoding plan."""
         encoded = [self.encode(r) for r in requests]
         groups: dict[DecodingPlan, list[int]] = defaultdict(list)
@@ -226,30 +283,67 @@ class ChatEngine:
         return [r for r in replies if r is not None]
 
     def chat_reply(
-        self, prompt: EncodedConversation, output: list[int], plan: DecodingPlan
+        self,
+        prompt: EncodedConversation,
+        output: list[int],
+        plan: DecodingPlan,
+        choices: Sequence[TokenChoice] = (),
     ) -> ChatReply:
-        """The reply to ``prompt`` whose new token ids are ``output``."""
+        """The reply to ``prompt`` whose new token ids are ``output`` (up to its
+        first stop text), with ``choices``' log-probabilities when the plan asks."""
+        text, stopped = stop_texts.cut(self._decode(output), plan.stops)
         return ChatReply(
-            reply=self.text_of(output),
+            reply=text if prompt.continues_text else text.strip(),
             model=self.model_name,
             prompt_tokens=len(prompt.input_ids),
             completion_tokens=len(output),
             truncated=prompt.truncated,
-            finish_reason=self._finish_reason(output, plan),
+            finish_reason="stop" if stopped else self._finish_reason(output, plan),
+            logprobs=None if plan.top_logprobs is None else self.token_logprobs(choices),
+        )
+
+    def token_logprobs(self, choices: Sequence[TokenChoice]) -> list[TokenLogprob]:
+        """``choices`` in OpenAI's terms; special tokens (end of turn, start of text),
+        which the reply's text leaves out, are left out here too."""
+        return [
+            TokenLogprob(
+                **self._candidate(choice.token, choice.logprob).model_dump(),
+                top_logprobs=[self._candidate(*pair) for pair in choice.top],
+            )
+            for choice in choices
+            if choice.token not in self._textless_ids
+        ]
+
+    def _candidate(self, token: int, logprob: float) -> TopLogprob:
+        raw = token_bytes(self.tokenizer, token)
+        return TopLogprob(
+            token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw)
         )
 
     def model_step(self) -> ModelStep:
         """The decode loop's view of this model (``chatbot.engine.scheduler``)."""
         return self.family.model_step(self.model, self.window, self.max_new_tokens_limit)
 
-    def prepare(self, request: ChatRequest) -> PreparedReply:
+    def prepare(self, request: Request) -> PreparedReply:
         """``request`` checked and ready for the decode loop."""
         plan = self.plan(request)
         prompt = self.check(request)
+        if plan.top_logprobs is not None and plan.num_beams > 1:
+            raise options_error(
+                "logprobs", True, "log-probabilities need num_beams 1: beam search "
+                "chooses whole sequences, not tokens",
+            )  # fmt: skip
         options = self._decoding_kwargs(plan)
         ids = torch.tensor([prompt.input_ids], device=self.model.device)
         start = self.family.reply_start(ids, self.model.generation_config)
-        return PreparedReply(plan, prompt, lambda: start_decoding(self.model, options, ids, start))
+        extra = self._extra_rules(plan, first_new=start.shape[1])
+
+        def start_reply() -> Decoding:
+            return start_decoding(
+                self.model, options, ids, start, extra, plan.seed, plan.top_logprobs
+            )
+
+        return PreparedReply(plan, prompt, start_reply)
 
     def finish_reason_of(self, plan: DecodingPlan) -> Callable[[Sequence[int]], FinishReason]:
         return lambda ids: self._finish_reason(ids, plan)
@@ -262,13 +356,16 @@ class ChatEngine:
         Decoder-only models pad on the left, so every next token is the last column.
         """
         inputs = self._padded(batch)
-        prompt_length = inputs["input_ids"].shape[1]
+        first_new = self.family.first_new_column(inputs["input_ids"].shape[1])
+        extra = self._extra_rules(plan, first_new)
         with torch.inference_mode(), self._skipping_redundant_rows(inputs, plan):
-            sequences = self.model.generate(**inputs, **self._generation_kwargs(plan))
-        first_new = self.family.first_new_column(prompt_length)
+            sequences = self.model.generate(
+                **inputs, **self._generation_kwargs(plan),
+                logits_processor=extra.processors, stopping_criteria=extra.stopping,
+            )  # fmt: skip
         return [self._strip(row) for row in sequences[:, first_new:].tolist()]
 
-    def check_streamable(self, request: ChatRequest) -> None:
+    def check_streamable(self, request: Request) -> None:
         """Beam search keeps every candidate open to the end, so it cannot stream:
         that is a validation error."""
         plan = self.plan(request)
@@ -278,28 +375,46 @@ class ChatEngine:
                 "beam search cannot stream: ask for num_beams 1, or for the whole reply at once",
             )  # fmt: skip
 
-    def stream(self, request: ChatRequest) -> ReplyStream:
+    def stream(self, request: Request) -> ReplyStream:
         """One reply as it is written by its own ``generate`` (call inside a coroutine)."""
         self.check_streamable(request)
         plan = self.plan(request)
-        encoded = self.check(request)
+        encoded = self.check_batchable(request)
         inputs = self._padded([encoded.input_ids])
         kwargs = self._generation_kwargs(plan)
+        extra = self._extra_rules(plan, self.family.first_new_column(len(encoded.input_ids)))
 
-        def generate(streamer: object, stop: object) -> None:
+        def generate(streamer: object, cancelled: StoppingCriteria) -> None:
             with torch.inference_mode():
-                self.model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=[stop])
+                self.model.generate(
+                    **inputs, **kwargs, streamer=streamer, logits_processor=extra.processors,
+                    stopping_criteria=StoppingCriteriaList([*extra.stopping, cancelled]),
+                )  # fmt: skip
 
         return ReplyStream.from_generate(
-            self.tokenizer, generate, encoded,
-            self.finish_reason_of(plan),
-        )  # fmt: skip
+            self.tokenizer, generate, encoded, self.finish_reason_of(plan), plan.stops
+        )
 
     def text_of(self, ids: list[int]) -> str:
-        """The reply text of new token ids, as every route gives it."""
+        """The reply text of new token ids, as every route gives it (no stop texts)."""
+        return self._decode(ids).strip()
+
+    def _decode(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         assert isinstance(text, str)  # one sequence in, one text out
-        return text.strip()
+        return text
+
+    def _extra_rules(self, plan: DecodingPlan, first_new: int) -> ExtraRules:
+        """The plan's processors and criteria that are not ``generate`` options;
+        ``first_new`` is where the reply starts in the rows they see."""
+        extra = ExtraRules()
+        if plan.frequency_penalty or plan.presence_penalty:
+            extra.processors.append(
+                FrequencyPresencePenalty(plan.frequency_penalty, plan.presence_penalty, first_new)
+            )
+        if plan.stops:
+            extra.stopping.append(stop_texts.StopTexts(self.tokenizer, plan.stops, first_new))
+        return extra
 
     def _padded(self, batch: Sequence[Sequence[int]]) -> BatchEncoding:
         return self.tokenizer.pad(
@@ -335,12 +450,18 @@ class ChatEngine:
         lengths = self.family.length_kwargs(
             plan.max_new_tokens, plan.min_new_tokens, self.tokenizer
         )
+        # Unset, transformers' own defaults hold (left alone, as before these existed).
+        optional = {
+            "top_k": plan.top_k, "min_p": plan.min_p,
+            "repetition_penalty": plan.repetition_penalty,
+        }  # fmt: skip
         return {
             **lengths,
             "num_beams": plan.num_beams,
             "do_sample": plan.do_sample,
             "temperature": plan.temperature,
             "top_p": plan.top_p,
+            **{name: value for name, value in optional.items() if value is not None},
             **({"length_penalty": 1.0} if plan.num_beams == 1 else {}),
         }
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 
-from chatbot.engine.chat_engine import ChatEngine, PreparedReply, options_error
+from chatbot.engine.chat_engine import ChatEngine, PreparedReply, Request, options_error
+from chatbot.engine.decoding import TokenChoice
 from chatbot.engine.scheduler import DecodeLoop, Job, LoopObserver, ReplySink
 from chatbot.engine.streaming import ReplyStream
-from chatbot.schemas import ChatReply, ChatRequest
+from chatbot.schemas import ChatReply
+
+Finished = tuple[list[int], Sequence[TokenChoice]]
+"""A finished reply's new token ids and their log-probabilities (when asked for)."""
 
 
 class _WholeReply:
@@ -22,14 +27,14 @@ class _WholeReply:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[list[int]] = self.loop.create_future()
+        self.future: asyncio.Future[Finished] = self.loop.create_future()
         self._gone = threading.Event()
 
-    def tokens(self, ids: list[int]) -> None:
+    def tokens(self, ids: list[int], choices: Sequence[TokenChoice]) -> None:
         pass  # a whole reply waits for the end
 
-    def finish(self, output: list[int]) -> None:
-        self.loop.call_soon_threadsafe(self._settle, output, None)
+    def finish(self, output: list[int], choices: Sequence[TokenChoice]) -> None:
+        self.loop.call_soon_threadsafe(self._settle, (output, choices), None)
 
     def fail(self, error: BaseException) -> None:
         self.loop.call_soon_threadsafe(self._settle, None, error)
@@ -40,13 +45,13 @@ class _WholeReply:
     def leave(self) -> None:
         self._gone.set()
 
-    def _settle(self, output: list[int] | None, error: BaseException | None) -> None:
+    def _settle(self, finished: Finished | None, error: BaseException | None) -> None:
         if self.future.done():
             return
         if error is not None:
             self.future.set_exception(error)
         else:
-            self.future.set_result(output or [])
+            self.future.set_result(finished or ([], ()))
 
 
 class ContinuousBatcher:
@@ -62,30 +67,33 @@ class ContinuousBatcher:
         self.engine = engine
         self.loop = DecodeLoop(engine.model_step(), max_rows, max_waiting, observer)
 
-    async def reply(self, request: ChatRequest) -> ChatReply:
+    async def reply(self, request: Request) -> ChatReply:
         """The whole reply (raises ``QueueFull`` when the waiting queue is full)."""
         prepared = self.engine.prepare(request)
         sink = _WholeReply()
         self._submit(prepared, sink)
         try:
-            output = await sink.future
+            output, choices = await sink.future
         finally:
             sink.leave()  # a no-op once finished; frees the rows of an abandoned reply
-        return self.engine.chat_reply(prepared.prompt, output, prepared.plan)
+        return self.engine.chat_reply(prepared.prompt, output, prepared.plan, choices)
 
     def close(self) -> None:
         self.loop.close()
 
-    async def generate(self, requests: list[ChatRequest]) -> list[ChatReply]:
+    async def generate(self, requests: Sequence[Request]) -> list[ChatReply]:
         return list(await asyncio.gather(*(self.reply(r) for r in requests)))
 
-    def stream(self, request: ChatRequest) -> ReplyStream:
+    def stream(self, request: Request) -> ReplyStream:
         """The reply as it is written (call inside a coroutine); beam search cannot
         stream, which ``ChatEngine.check_streamable`` refuses first."""
         self.engine.check_streamable(request)
         prepared = self.engine.prepare(request)
-        finish_reason = self.engine.finish_reason_of(prepared.plan)
-        stream = ReplyStream(self.engine.tokenizer, prepared.prompt, finish_reason)
+        plan = prepared.plan
+        stream = ReplyStream(
+            self.engine.tokenizer, prepared.prompt, self.engine.finish_reason_of(plan), plan.stops,
+            None if plan.top_logprobs is None else self.engine.token_logprobs,
+        )  # fmt: skip
         self._submit(prepared, stream)
         return stream
 

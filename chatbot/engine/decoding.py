@@ -17,7 +17,8 @@ pins its version; ``tests/test_decode_loop.py`` compares both paths on every rel
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -27,6 +28,26 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 GenerationModel = Any
 """A transformers model with ``GenerationMixin``; its private methods used here are
 typed for the mixin's ``self``, so they are called untyped."""
+
+
+@dataclass(frozen=True)
+class ExtraRules:
+    """A request's own logits processors and stopping criteria, beyond what its
+    generation config implies: what ``generate`` takes as ``logits_processor`` and
+    ``stopping_criteria`` (``generate`` places them as it does here)."""
+
+    processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    stopping: StoppingCriteriaList = field(default_factory=StoppingCriteriaList)
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """A chosen token's log-probability under the model's own distribution (before
+    any processor), and the ``top`` likeliest (id, log-probability) pairs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,10 +66,13 @@ class DecodingRules:
         options: dict[str, Any],
         prompt: torch.Tensor,
         start: torch.Tensor,
+        extra: ExtraRules | None = None,
     ) -> DecodingRules:
         """``options`` are ``generate`` keyword arguments; ``prompt`` (1, L) the
         encoder input (or the prompt of a decoder-only model), ``start`` (1, S) the
-        ids the reply continues (the decoder start token, or the prompt)."""
+        ids the reply continues (the decoder start token, or the prompt); ``extra``
+        the processors and criteria ``generate`` would be passed."""
+        extra = extra or ExtraRules()
         defaults = model.generation_config
         config, _ = model._prepare_generation_config(None, **options)
         model._prepare_special_tokens(config, True, device=prompt.device)
@@ -66,10 +90,11 @@ class DecodingRules:
             generation_config=config,
             input_ids_seq_length=start.shape[1],
             encoder_input_ids=prompt,
+            logits_processor=extra.processors,
             device=prompt.device,
             model_kwargs={},
         )
-        stopping = model._get_stopping_criteria(config, StoppingCriteriaList())
+        stopping = model._get_stopping_criteria(config, extra.stopping)
         return cls(config, processors, stopping)
 
     def process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -85,6 +110,8 @@ class Decoding(ABC):
 
     rows: int
     finished: bool = False
+    choices: Sequence[TokenChoice] = ()
+    """Each new token's log-probabilities, when they were asked for."""
 
     def __init__(self, rules: DecodingRules, start: torch.Tensor) -> None:
         self.rules = rules
@@ -115,11 +142,19 @@ class SingleRow(Decoding):
     rows = 1
 
     def __init__(
-        self, rules: DecodingRules, start: torch.Tensor, generator: torch.Generator | None
+        self,
+        rules: DecodingRules,
+        start: torch.Tensor,
+        generator: torch.Generator | None = None,
+        top_logprobs: int | None = None,
     ) -> None:
+        """``generator``: the request's own random numbers (its seed); ``top_logprobs``:
+        note each token's log-probability and that many alternatives (None: don't)."""
         super().__init__(rules, start)
         self.sequence = start
         self.generator = generator
+        self.top_logprobs = top_logprobs
+        self.choices: list[TokenChoice] = []
 
     def last_tokens(self) -> torch.Tensor:
         return self.sequence[:, -1]
@@ -135,6 +170,8 @@ class SingleRow(Decoding):
             token = torch.multinomial(probs, num_samples=1, generator=self.generator)
         else:
             token = torch.argmax(scores, dim=-1, keepdim=True)
+        if self.top_logprobs is not None:
+            self.choices.append(_choice(logits, int(token), self.top_logprobs))
         self.sequence = torch.cat([self.sequence, token.to(self.sequence.dtype)], dim=-1)
         self.finished = bool(self.rules.stopping(self.sequence, None)[0])
         return None
@@ -249,6 +286,16 @@ class BeamGroup(Decoding):
         return self.sequences[0, 0, self.start_length : self.start_length + generated].tolist()
 
 
+def _choice(logits: torch.Tensor, token: int, top: int) -> TokenChoice:
+    """``token``'s log-probability in (1, vocab) ``logits``, and the ``top`` likeliest."""
+    log_probs = nn.functional.log_softmax(logits[0].to(torch.float32), dim=-1)
+    best = torch.topk(log_probs, top) if top else None
+    alternatives = (
+        tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best else ()
+    )
+    return TokenChoice(token, float(log_probs[token]), alternatives)
+
+
 def _ids(tensor: torch.Tensor) -> torch.LongTensor:
     return cast(torch.LongTensor, tensor)  # torch's tensor subclasses exist in its stubs only
 
@@ -258,10 +305,16 @@ def start_decoding(
     options: dict[str, Any],
     prompt: torch.Tensor,
     start: torch.Tensor,
-    generator: torch.Generator | None = None,
+    extra: ExtraRules | None = None,
+    seed: int | None = None,
+    top_logprobs: int | None = None,
 ) -> Decoding:
-    """The decoding ``options`` (``generate`` keyword arguments) ask for."""
-    rules = DecodingRules.build(model, options, prompt, start)
+    """The decoding ``options`` (``generate`` keyword arguments) ask for; ``seed``
+    gives a sampled reply random numbers of its own."""
+    rules = DecodingRules.build(model, options, prompt, start, extra)
     if rules.config.num_beams > 1:
         return BeamGroup(model, rules, start)
-    return SingleRow(rules, start, generator)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(start.device).manual_seed(seed % 2**64)
+    return SingleRow(rules, start, generator, top_logprobs)

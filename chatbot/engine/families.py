@@ -31,7 +31,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from chatbot.engine.kv_cache import ReplyCache
 from chatbot.engine.model_step import DecoderOnlyStep, EncoderDecoderStep, ModelStep
 from chatbot.prompts.blenderbot import EncodedConversation, encode_conversation
-from chatbot.prompts.chat_template import encode_chat
+from chatbot.prompts.chat_template import encode_chat, encode_text
 from chatbot.schemas import MAX_NEW_TOKENS, Message
 
 FamilyName = Literal["encoder-decoder", "decoder-only"]
@@ -62,6 +62,12 @@ class Family(ABC):
         self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], window: int
     ) -> EncodedConversation:
         """The conversation as model input, at most ``window`` tokens."""
+
+    @abstractmethod
+    def encode_text(
+        self, tokenizer: PreTrainedTokenizerBase, text: str, window: int
+    ) -> EncodedConversation:
+        """Raw text for the model to continue (``/v1/completions``)."""
 
     @abstractmethod
     def limits(
@@ -107,6 +113,14 @@ class EncoderDecoder(Family):
         self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], window: int
     ) -> EncodedConversation:
         return encode_conversation(tokenizer, messages, window)
+
+    def encode_text(
+        self, tokenizer: PreTrainedTokenizerBase, text: str, window: int
+    ) -> EncodedConversation:
+        """Blenderbot only knows conversations: the text is one user turn (built
+        unchecked: a completion prompt may be longer than a chat message)."""
+        turn = Message.model_construct(role="user", content=text)
+        return encode_conversation(tokenizer, [turn], window)
 
     def limits(
         self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
@@ -161,6 +175,11 @@ class DecoderOnly(Family):
         self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], window: int
     ) -> EncodedConversation:
         return encode_chat(tokenizer, messages, window)
+
+    def encode_text(
+        self, tokenizer: PreTrainedTokenizerBase, text: str, window: int
+    ) -> EncodedConversation:
+        return encode_text(tokenizer, text, window)
 
     def limits(
         self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase

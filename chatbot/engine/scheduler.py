@@ -22,14 +22,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, TypeVar
 
 import torch
 
-from chatbot.engine.decoding import Decoding
+from chatbot.engine.decoding import Decoding, TokenChoice
 from chatbot.engine.model_step import ModelStep
 
 T = TypeVar("T")
@@ -43,11 +43,12 @@ class QueueFull(Exception):
 class ReplySink(Protocol):
     """Where a reply's tokens go; called from the loop's thread."""
 
-    def tokens(self, ids: list[int]) -> None:
-        """New tokens of a single-row reply, as soon as they exist."""
+    def tokens(self, ids: list[int], choices: Sequence[TokenChoice]) -> None:
+        """New tokens of a single-row reply, as soon as they exist (with their
+        log-probabilities, when asked for)."""
 
-    def finish(self, output: list[int]) -> None:
-        """The whole reply's new token ids."""
+    def finish(self, output: list[int], choices: Sequence[TokenChoice]) -> None:
+        """The whole reply's new token ids (and log-probabilities)."""
 
     def fail(self, error: BaseException) -> None: ...
 
@@ -249,7 +250,7 @@ class DecodeLoop:
             output = decoding.output()
             fresh = output[job.sent :]
             if fresh:
-                self._guard(job, partial(job.sink.tokens, fresh))
+                self._guard(job, partial(job.sink.tokens, fresh, decoding.choices[job.sent :]))
             job.sent = len(output)
         else:
             job.sent += 1
@@ -264,7 +265,7 @@ class DecodeLoop:
             elif decoding is not None and decoding.finished:
                 output = decoding.output()
                 self.observer.finished(time.perf_counter() - job.arrived)
-                self._guard(job, partial(job.sink.finish, output))
+                self._guard(job, partial(job.sink.finish, output, decoding.choices))
             elif not job.sink.cancelled():
                 kept.append(job)
         if len(kept) == len(self.running):

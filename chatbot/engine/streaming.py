@@ -11,7 +11,7 @@ the reply at the next step instead of leaving it to run to ``max_new_tokens``.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
 
 import torch
@@ -21,7 +21,13 @@ from transformers import (
     StoppingCriteria,
 )
 
+from chatbot.engine.decoding import TokenChoice
+from chatbot.engine.stop_texts import StopScanner
 from chatbot.prompts.blenderbot import EncodedConversation
+from chatbot.schemas import TokenLogprob
+
+Describe = Callable[[Sequence[TokenChoice]], list[TokenLogprob]]
+"""Token choices in OpenAI's log-probability terms (``ChatEngine.token_logprobs``)."""
 
 
 class _Cancelled(StoppingCriteria):
@@ -68,13 +74,22 @@ class ReplyStream:
         tokenizer: PreTrainedTokenizerBase,
         prompt: EncodedConversation,
         finish_reason: Callable[[list[int]], str],
+        stops: Sequence[str] = (),
+        logprobs: Describe | None = None,
     ) -> None:
+        """``stops``: the request's stop texts; ``logprobs``: how token choices are
+        described, when the request asked for log-probabilities."""
         self.prompt_tokens = len(prompt.input_ids)
         self.truncated = prompt.truncated
+        self._trim = not prompt.continues_text
         self._finish_reason = finish_reason
         self._streamer = _CountingStreamer(tokenizer)
         self._stop = _Cancelled()
         self._error: BaseException | None = None
+        self._scanner = StopScanner(stops)
+        self._describe = logprobs
+        self._choices: list[TokenChoice] = []
+        self._choices_taken = 0
 
     @classmethod
     def from_generate(
@@ -83,9 +98,10 @@ class ReplyStream:
         generate: Generate,
         prompt: EncodedConversation,
         finish_reason: Callable[[list[int]], str],
+        stops: Sequence[str] = (),
     ) -> ReplyStream:
         """A stream fed by ``generate(streamer, stopping_criterion)`` in a thread of its own."""
-        stream = cls(tokenizer, prompt, finish_reason)
+        stream = cls(tokenizer, prompt, finish_reason, stops)
         threading.Thread(target=stream._run, args=(generate,), daemon=True).start()
         return stream
 
@@ -97,11 +113,12 @@ class ReplyStream:
 
     # The decode loop's ReplySink (chatbot.engine.scheduler)
 
-    def tokens(self, ids: list[int]) -> None:
+    def tokens(self, ids: list[int], choices: Sequence[TokenChoice]) -> None:
+        self._choices += choices  # before the text, so a piece never outruns its tokens'
         self._streamer.next_tokens_are_prompt = False  # the loop sends new tokens only
         self._streamer.put(torch.tensor(ids))
 
-    def finish(self, output: list[int]) -> None:
+    def finish(self, output: list[int], choices: Sequence[TokenChoice]) -> None:
         self._streamer.end()
 
     def fail(self, error: BaseException) -> None:
@@ -111,12 +128,18 @@ class ReplyStream:
     def cancelled(self) -> bool:
         return self._stop.event.is_set()
 
+    def cancel(self) -> None:
+        """Nobody will read this stream: its reply stops at the next step."""
+        self._stop.event.set()
+
     async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text, piece by piece, leading whitespace removed as in ``/respond``."""
+        """The reply's text, piece by piece, leading whitespace removed as in ``/respond``,
+        up to its first stop text (no part of which is ever sent)."""
         started = False
         try:
             async for piece in self._streamer:
-                piece = piece if started else piece.lstrip()
+                piece = self._scanner.feed(piece)
+                piece = piece if started or not self._trim else piece.lstrip()
                 if piece:
                     started = True
                     yield piece
@@ -124,6 +147,17 @@ class ReplyStream:
             self._stop.event.set()  # a no-op when generate has finished
         if self._error is not None:
             raise self._error
+        if tail := self._scanner.end():
+            yield tail if started or not self._trim else tail.lstrip()
+
+    def new_logprobs(self) -> list[TokenLogprob] | None:
+        """Log-probabilities of the tokens that arrived since the last call (None when
+        the request did not ask for them)."""
+        if self._describe is None:
+            return None
+        fresh = self._choices[self._choices_taken :]
+        self._choices_taken += len(fresh)
+        return self._describe(fresh)
 
     @property
     def completion_tokens(self) -> int:
@@ -131,4 +165,6 @@ class ReplyStream:
 
     @property
     def finish_reason(self) -> str:
+        if self._scanner.stopped:
+            return "stop"
         return self._finish_reason(self._streamer.token_ids)

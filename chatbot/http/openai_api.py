@@ -1,16 +1,12 @@
-"""OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""OpenAI-compatible routes: ``POST /v1/chat/completions``, ``POST /v1/completions``
+and ``GET /v1/models``.
 
-Any OpenAI client (the official ``openai`` package, LangChain, curl scripts) can talk
-to the service. Replies, whole or streamed, are batched like ``/respond``'s (the decode
-loop, or adaptive batching); ``stream: true`` sends the reply as server-sent events.
-
-Honoured fields: ``messages`` (system,
-developer, user and assistant turns; text content), ``max_tokens`` /
-``max_completion_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``n`` (1 only),
-``stream``, ``stream_options.include_usage`` and ``user`` (accepted, unused). Beyond
-OpenAI: ``num_beams`` (send it with the client's ``extra_body``). A stream uses greedy
-decoding unless asked otherwise, since beam search cannot stream; asking for both is
-a 400. Other fields are refused with a 400 naming them, so nothing is silently ignored.
+Any OpenAI client (the official ``openai`` package, LangChain, Open WebUI, curl
+scripts) can talk to the service. Replies, whole or streamed, are batched like
+``/respond``'s (the decode loop, or adaptive batching); ``stream: true`` sends them as
+server-sent events, ``n`` replies to one request are decoded together. Which fields
+are honoured, refused or ignored is ``chatbot.http.openai_schemas``' business; the
+README has the table.
 
 ``model`` may be any name: one server serves one model, and clients often send a fixed
 name; every answer's ``model`` field (and ``GET /v1/models``) names the real one.
@@ -18,32 +14,33 @@ name; every answer's ``model`` field (and ``GET /v1/models``) names the real one
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Annotated, Any, Literal, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from chatbot.engine.chat_engine import Request as ReplyRequest
 from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import busy_response
-from chatbot.http.request_log import note_tokens
-from chatbot.schemas import (
-    MAX_BEAMS,
-    MAX_NEW_TOKENS,
-    MAX_TURNS,
-    ChatReply,
-    ChatRequest,
-    Message,
-    ModelInfo,
+from chatbot.http.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Refused,
+    SamplingFields,
 )
+from chatbot.http.request_log import note_ignored, note_tokens
+from chatbot.schemas import ChatReply, ModelInfo, TokenLogprob
 
-_MIN_TEMPERATURE = 0.01  # the engine's floor; OpenAI's (0, 0.01) rounds up to it
+T = TypeVar("T")
 
 
 class ChatBackend(Protocol):
@@ -51,68 +48,9 @@ class ChatBackend(Protocol):
 
     async def model_info(self) -> ModelInfo: ...
 
-    async def reply(self, request: ChatRequest) -> ChatReply: ...
+    async def reply(self, request: ReplyRequest) -> ChatReply: ...
 
-    async def stream(self, request: ChatRequest) -> ReplyStream: ...
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class OpenAIMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def to_message(self) -> Message:
-        content = self.content or ""
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        role = "system" if self.role == "developer" else self.role
-        return Message(role=role, content=content)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(_Strict):
-    model: str
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_TURNS)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    num_beams: int | None = Field(default=None, ge=1, le=MAX_BEAMS)
-
-    def to_chat_request(self) -> ChatRequest:
-        """The same request in the service's own terms (may raise ValidationError)."""
-        greedy = self.temperature == 0
-        sampling = not greedy and (self.temperature is not None or self.top_p is not None)
-        return ChatRequest(
-            messages=[m.to_message() for m in self.messages],
-            max_new_tokens=self.max_completion_tokens or self.max_tokens,
-            num_beams=self.num_beams or (1 if self.stream or sampling else None),
-            do_sample=False if greedy else (True if sampling else None),
-            temperature=max(self.temperature, _MIN_TEMPERATURE)
-            if sampling and self.temperature
-            else None,
-            top_p=self.top_p if sampling else None,
-        )
-
-
-def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    async def stream(self, request: ReplyRequest) -> ReplyStream: ...
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -123,62 +61,239 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion(reply: ChatReply) -> dict[str, object]:
-    return {
-        "id": _completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": reply.model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": reply.reply},
-            "finish_reason": reply.finish_reason,
-        }],
-        "usage": _usage(reply.prompt_tokens, reply.completion_tokens),
-    }  # fmt: skip
-
-
-class _Chunks:
-    """``chat.completion.chunk`` events of one streamed reply, all with one id."""
-
-    def __init__(self, model: str) -> None:
-        self.base = {
-            "id": _completion_id(),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-        }
-
-    def event(
-        self, delta: dict[str, str], finish_reason: str | None = None, **extra: object
-    ) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return _sse({**self.base, "choices": [choice], **extra})
-
-    def usage(self, stream: ReplyStream) -> str:
-        return _sse({**self.base, "choices": [], "usage": _usage(
-            stream.prompt_tokens, stream.completion_tokens)})  # fmt: skip
-
-
 def _sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _events(stream: ReplyStream, model: str, include_usage: bool) -> AsyncIterator[str]:
-    chunks = _Chunks(model)
-    yield chunks.event({"role": "assistant", "content": ""})
+@dataclass
+class Delta:
+    """What one choice of a stream adds: text, its tokens' log-probabilities, and
+    at the end why it finished."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+async def _deltas(stream: ReplyStream) -> AsyncIterator[Delta]:
+    async for piece in stream.pieces():
+        yield Delta(piece, stream.new_logprobs())
+    yield Delta(logprobs=stream.new_logprobs(), finish_reason=stream.finish_reason)
+
+
+async def _merged(streams: Sequence[ReplyStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """Every choice's deltas as they come, with its index; the first error ends them all."""
+    queue: asyncio.Queue[tuple[int, Delta | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: ReplyStream) -> None:
+        try:
+            async for delta in _deltas(stream):
+                await queue.put((index, delta))
+        except Exception as error:
+            await queue.put((index, error))
+        else:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
     try:
-        async for piece in stream.pieces():
-            yield chunks.event({"content": piece})
-    except Exception as error:  # headers are gone: the error travels as an event
-        yield _sse(_error_body(f"generation failed: {error}", "server_error"))
-        return
-    note_tokens(stream.prompt_tokens, stream.completion_tokens)
-    # ``truncated`` (not OpenAI's; clients ignore it) tells the chat page to say so.
-    yield chunks.event({}, stream.finish_reason, truncated=stream.truncated)
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a client that left stops every choice at its next step
+
+
+async def _all_or_none(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Every call's result; when one fails, the others are cancelled (their rows freed)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _streams(backend: ChatBackend, requests: Sequence[ReplyRequest]) -> list[ReplyStream]:
+    """One stream per request; when one is refused, those already started stop."""
+    streams: list[ReplyStream] = []
+    try:
+        for request in requests:
+            streams.append(await backend.stream(request))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
+
+
+class _Answer:
+    """What every answer to one request shares: id, creation time, model name."""
+
+    def __init__(self, prefix: str, obj: str, model: str) -> None:
+        self.base = {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def whole(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.base, "choices": choices, "usage": usage}
+
+    def chunk(self, choice: dict[str, Any], **extra: object) -> str:
+        return _sse({**self.base, "choices": [choice], **extra})
+
+    def usage_chunk(self, usage: dict[str, int]) -> str:
+        return _sse({**self.base, "choices": [], "usage": usage})
+
+
+def _usage_of(replies: Sequence[ChatReply | ReplyStream], per_prompt: int) -> dict[str, int]:
+    """Each prompt is read once, however many replies it gets."""
+    prompt = sum(reply.prompt_tokens for reply in replies[::per_prompt])
+    return _usage(prompt, sum(reply.completion_tokens for reply in replies))
+
+
+def _stream_usage(streams: Sequence[ReplyStream], per_prompt: int) -> dict[str, int]:
+    """Finished streams' usage. The request's log line counts what the model read and
+    wrote, as for whole replies (counted where they are made): each choice's prompt."""
+    for stream in streams:
+        note_tokens(stream.prompt_tokens, stream.completion_tokens)
+    return _usage_of(streams, per_prompt)
+
+
+# --- chat completions ---------------------------------------------------------------
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    return {"content": [t.model_dump() for t in logprobs], "refusal": None}
+
+
+def chat_choice(index: int, reply: ChatReply) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": reply.reply},
+        "logprobs": _chat_logprobs(reply.logprobs),
+        "finish_reason": reply.finish_reason,
+    }
+
+
+async def _chat_events(
+    streams: list[ReplyStream], answer: _Answer, include_usage: bool
+) -> AsyncIterator[str]:
+    for index in range(len(streams)):
+        yield answer.chunk({
+            "index": index, "delta": {"role": "assistant", "content": ""},
+            "logprobs": None, "finish_reason": None,
+        })  # fmt: skip
+    async for index, delta in _merged(streams):
+        if delta.finish_reason is None:
+            content: dict[str, str] = {"content": delta.text}
+        else:
+            content = {}
+        choice = {
+            "index": index, "delta": content,
+            "logprobs": _chat_logprobs(delta.logprobs), "finish_reason": delta.finish_reason,
+        }  # fmt: skip
+        # ``truncated`` (not OpenAI's; clients ignore it) tells the chat page to say so.
+        extra = {"truncated": streams[index].truncated} if delta.finish_reason else {}
+        yield answer.chunk(choice, **extra)
+    usage = _stream_usage(streams, len(streams))
     if include_usage:
-        yield chunks.usage(stream)
-    yield "data: [DONE]\n\n"
+        yield answer.usage_chunk(usage)
+
+
+# --- completions ---------------------------------------------------------------------
+
+
+def _legacy_logprobs(logprobs: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    """The completions API's older shape: parallel lists, alternatives as a dict,
+    and each token's character offset in the choice's text."""
+    if logprobs is None:
+        return None
+    offsets = []
+    for token in logprobs:
+        offsets.append(offset)
+        offset += len(token.token)
+    return {
+        "tokens": [t.token for t in logprobs],
+        "token_logprobs": [t.logprob for t in logprobs],
+        "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _completion_choices(body: CompletionRequest, replies: list[ChatReply]) -> list[dict[str, Any]]:
+    choices = []
+    for index, reply in enumerate(replies):
+        prompt = body.prompts[index // body.n] if body.echo else ""
+        choices.append({
+            "index": index, "text": prompt + reply.reply,
+            "logprobs": _legacy_logprobs(reply.logprobs, len(prompt)),
+            "finish_reason": reply.finish_reason,
+        })  # fmt: skip
+    return choices
+
+
+async def _completion_events(
+    body: CompletionRequest, streams: list[ReplyStream], answer: _Answer
+) -> AsyncIterator[str]:
+    written = [0] * len(streams)  # characters sent per choice, for text offsets
+    if body.echo:
+        for index in range(len(streams)):
+            prompt = body.prompts[index // body.n]
+            written[index] = len(prompt)
+            yield answer.chunk(
+                {"index": index, "text": prompt, "logprobs": None, "finish_reason": None}
+            )
+    async for index, delta in _merged(streams):
+        logprobs = _legacy_logprobs(delta.logprobs, written[index])
+        written[index] += len(delta.text)
+        yield answer.chunk({
+            "index": index, "text": delta.text, "logprobs": logprobs,
+            "finish_reason": delta.finish_reason,
+        })  # fmt: skip
+    usage = _stream_usage(streams, body.n)
+    if body.include_usage:
+        yield answer.usage_chunk(usage)
+
+
+# --- the app -------------------------------------------------------------------------
+
+
+async def _stream_or_whole(
+    backend: ChatBackend,
+    body: SamplingFields,
+    requests: Sequence[ReplyRequest],
+    whole: Callable[[list[ChatReply]], dict[str, Any]],
+    events: Callable[[list[ReplyStream]], AsyncIterator[str]],
+) -> Response | dict[str, Any]:
+    note_ignored(body.all_ignored())
+    if not body.stream:
+        return whole(await _all_or_none([backend.reply(r) for r in requests]))
+    streams = await _streams(backend, requests)
+
+    async def with_errors() -> AsyncIterator[str]:
+        try:
+            async for event in events(streams):
+                yield event
+        except Exception as error:  # headers are gone: the error travels as an event
+            yield _sse(_error_body(f"generation failed: {error}", "server_error"))
+            return
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        with_errors(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )  # fmt: skip
 
 
 def _error_body(message: str, kind: str) -> dict[str, object]:
@@ -257,18 +372,45 @@ def build_openai_app(backend_errors: tuple[type[Exception], ...] = ()) -> FastAP
         model = {"id": info.model, "object": "model", "created": 0, "owned_by": "chatbot"}
         return {"object": "list", "data": [model]}
 
+    @app.exception_handler(Refused)
+    async def refused(_: Request, error: Refused) -> Response:
+        body = ErrorBody(
+            error=ErrorDetail(message=str(error), type="invalid_request_error", param=error.field)
+        )
+        return JSONResponse(body.model_dump(), status_code=400)
+
     @app.post("/chat/completions", response_model=None, responses=_DOCUMENTED_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> Response | dict[str, Any]:
         backend: ChatBackend = request.app.state.backend
-        chat = body.to_chat_request()
-        if not body.stream:
-            return completion(await backend.reply(chat))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = await backend.stream(chat)
-        info = await backend.model_info()  # a whole reply names its model itself
-        return StreamingResponse(
-            _events(stream, info.model, include_usage), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )  # fmt: skip
+        requests = body.requests()
+        answer = _Answer("chatcmpl", "chat.completion", (await backend.model_info()).model)
+
+        def whole(replies: list[ChatReply]) -> dict[str, Any]:
+            choices = [chat_choice(i, reply) for i, reply in enumerate(replies)]
+            return answer.whole(choices, _usage_of(replies, body.n))
+
+        def events(streams: list[ReplyStream]) -> AsyncIterator[str]:
+            answer.base["object"] = "chat.completion.chunk"
+            return _chat_events(streams, answer, body.include_usage)
+
+        return await _stream_or_whole(backend, body, requests, whole, events)
+
+    @app.post("/completions", response_model=None, responses=_DOCUMENTED_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+        """Continue raw text: a decoder-only model reads the prompt as it is (no chat
+        template); Blenderbot takes it as one user turn."""
+        backend: ChatBackend = request.app.state.backend
+        requests = body.requests()
+        answer = _Answer("cmpl", "text_completion", (await backend.model_info()).model)
+
+        def whole(replies: list[ChatReply]) -> dict[str, Any]:
+            return answer.whole(_completion_choices(body, replies), _usage_of(replies, body.n))
+
+        def events(streams: list[ReplyStream]) -> AsyncIterator[str]:
+            return _completion_events(body, streams, answer)
+
+        return await _stream_or_whole(backend, body, requests, whole, events)
 
     return app

@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chatbot.http.asgi import ASGIApp, Message, Receive, Scope, Send, header
 
@@ -43,6 +43,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     content: str | None = None
+    ignored: list[str] = field(default_factory=list)
 
 
 current_request: ContextVar[RequestRecord | None] = ContextVar("current_request", default=None)
@@ -59,6 +60,12 @@ def note_tokens(prompt_tokens: int, completion_tokens: int) -> None:
     if record := serving():
         record.prompt_tokens += prompt_tokens
         record.completion_tokens += completion_tokens
+
+
+def note_ignored(fields: list[str]) -> None:
+    """Name request fields the service accepted without acting on them in the log line."""
+    if record := serving():
+        record.ignored += fields
 
 
 def _log_handler() -> logging.Handler:
@@ -138,6 +145,8 @@ class RequestLog:
             "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens,
         }
+        if record.ignored:
+            line["ignored_fields"] = record.ignored
         if self.log_content:
             line["content"] = record.content
         logger.info(json.dumps(line, ensure_ascii=False))

@@ -21,6 +21,9 @@ class EncodedConversation:
     input_ids: list[int]
     truncated: bool
     """True when older tokens were dropped to fit the window."""
+    continues_text: bool = False
+    """True when the reply continues raw text (a decoder-only model's completion):
+    its whitespace is kept, as the text's next characters, instead of trimmed."""
 
 
 def _as_model_wrote_it(reply: str) -> str:

@@ -82,3 +82,12 @@ def encode_chat(
             middle = (fits + too_many) // 2
             fits, too_many = (middle, too_many) if len(prompt(middle)) <= window else (fits, middle)
     return EncodedConversation(input_ids=prompt(fits)[-window:], truncated=True)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, window: int) -> EncodedConversation:
+    """Raw text as a decoder-only model continues it: no chat template, the
+    tokenizer's own special tokens (a Llama's BOS), the newest ``window`` tokens."""
+    ids = tokenizer(text).input_ids
+    return EncodedConversation(
+        input_ids=ids[-window:], truncated=len(ids) > window, continues_text=True
+    )
