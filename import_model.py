@@ -17,14 +17,15 @@ from pathlib import Path
 import bentoml
 
 from chatbot.models.checkpoint import CheckpointUnavailable, fingerprint, save_checkpoint
-from chatbot.models.offline_model import note_for
+from chatbot.models.offline_model import RECOMMENDED_DECODING, is_offline_model, note_for
 from chatbot.settings import Settings
 
 
 def ensure_model(settings: Settings) -> bentoml.Model:
     """The stored model for ``settings.model``, importing it if not there yet."""
     name = bentoml.Tag.from_taglike(settings.model_tag).name
-    wanted = fingerprint(settings.model)
+    decoding = RECOMMENDED_DECODING if is_offline_model(settings.model) else {}
+    wanted = fingerprint(settings.model, salt=str(decoding))
     try:
         stored = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:
@@ -37,7 +38,7 @@ def ensure_model(settings: Settings) -> bentoml.Model:
         labels={"fingerprint": wanted},
         metadata={"source": settings.model, "note": note_for(settings.model) or ""},
     ) as model:
-        save_checkpoint(settings.model, Path(model.path))
+        save_checkpoint(settings.model, Path(model.path), decoding)
     return model
 
 

@@ -260,3 +260,5 @@ class ModelInfo(BaseModel):
     default_max_new_tokens: int
     default_num_beams: int
     default_do_sample: bool
+    default_temperature: float = Field(description="Used when sampling.")
+    default_top_p: float = Field(description="Used when sampling.")

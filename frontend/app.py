@@ -2,13 +2,17 @@
 
     CHATBOT_URL=http://127.0.0.1:3000 streamlit run frontend/app.py
 
-The thread lives in SQLite (``CHATBOT_DATA_DIR``) and its id in the page URL, so a
-refresh or a restart of the page shows the same conversation.
+The thread lives in SQLite (``CHATBOT_DATA_DIR``), kept for its owner (this browser,
+or a signed-in person: ``frontend.owners``), and its unguessable id in the page URL,
+so a refresh or a restart of the page shows the same conversation.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from frontend.client import ChatClient, ServiceError
 from frontend.export import to_csv, to_json
+from frontend.owners import current_owner, sign_in_configured, signed_in
 from frontend.store import ChatStore, StoredMessage
 
 TRUNCATION_NOTE = "The model only saw the most recent part of this conversation."
@@ -29,47 +34,79 @@ OFFLINE_MODEL_NOTE = (
 )
 
 
-def current_conversation(db: ChatStore) -> int:
-    """The conversation named in the URL, else the newest one, else a new one."""
-    known = {c.id for c in db.conversations()}
+STOPPED_NOTE = "Stopped: the reply ends here."
+NOT_YOURS = "That conversation link is not one of yours (or it was deleted): here are yours."
+
+
+@st.cache_resource
+def replies_being_written() -> set[int]:
+    """Ids of the replies this page process is writing now, whatever the session: a
+    reply left "writing" by a session that is gone (a reload, a closed tab) is stopped."""
+    return set()
+
+
+def current_conversation(db: ChatStore, owner: str) -> int:
+    """The owner's conversation named in the URL, else their newest, else a new one."""
     wanted = st.query_params.get("c", "")
-    if wanted.isdigit() and int(wanted) in known:
-        return int(wanted)
-    conversation = max(known) if known else db.new_conversation()
-    st.query_params["c"] = str(conversation)
-    return conversation
+    if wanted and (found := db.find(wanted, owner)) is not None:
+        return found
+    if wanted:
+        st.toast(NOT_YOURS)
+    mine = db.conversations(owner)
+    conversation = mine[0] if mine else db.new_conversation(owner)
+    st.query_params["c"] = conversation.public_id
+    return conversation.id
 
 
-def open_conversation(conversation: int) -> None:
-    st.query_params["c"] = str(conversation)
+def open_conversation(public_id: str) -> None:
+    st.query_params["c"] = public_id
 
 
 def generation_options(info: dict[str, Any] | None) -> dict[str, Any]:
-    """Sidebar controls; their bounds come from the service, so values are valid."""
+    """Sidebar controls; their bounds and defaults come from the service."""
     st.sidebar.subheader("Reply settings")
     if info is None:
         return {}
     max_new_tokens = st.sidebar.slider(
         "Max new tokens", 1, info["max_new_tokens_limit"], info["default_max_new_tokens"]
     )
-    mode = st.sidebar.radio("Decoding", ["Beam search", "Sampling"], horizontal=True)
+    modes = ["Greedy", "Beam search", "Sampling"]
+    default = "Sampling" if info["default_do_sample"] else modes[info["default_num_beams"] > 1]
+    mode = st.sidebar.radio("Decoding", modes, index=modes.index(default), horizontal=True)
     if mode == "Sampling":
         return {
             "max_new_tokens": max_new_tokens,
             "num_beams": 1,
             "do_sample": True,
-            "temperature": st.sidebar.slider("Temperature", 0.1, 2.0, 0.7, 0.05),
-            "top_p": st.sidebar.slider("Top-p", 0.05, 1.0, 0.9, 0.05),
+            "temperature": st.sidebar.slider(
+                "Temperature", 0.05, 2.0, info.get("default_temperature", 0.7), 0.05
+            ),
+            "top_p": st.sidebar.slider("Top-p", 0.05, 1.0, info.get("default_top_p", 0.9), 0.05),
         }
-    beams = st.sidebar.slider("Beams", 1, info["max_beams"], info["default_num_beams"])
+    beams = 1
+    if mode == "Beam search":
+        beams = st.sidebar.slider("Beams", 2, info["max_beams"], max(2, info["default_num_beams"]))
     return {"max_new_tokens": max_new_tokens, "num_beams": beams, "do_sample": False}
 
 
+def account() -> None:
+    """Sign-in, when ``[auth]`` is configured (``frontend.owners``)."""
+    if not sign_in_configured():
+        return
+    if signed_in():
+        st.sidebar.caption(f"Signed in as **{st.user.get('name') or st.user.get('email')}**")
+        st.sidebar.button("Sign out", key="sign-out", on_click=st.logout)
+    else:
+        st.sidebar.caption("Your conversations are kept in this browser only.")
+        st.sidebar.button("Sign in", key="sign-in", on_click=st.login)
+
+
 def sidebar(
-    db: ChatStore, api: ChatClient, conversation: int, messages: list[StoredMessage]
+    db: ChatStore, api: ChatClient, owner: str, conversation: int, messages: list[StoredMessage]
 ) -> tuple[str | None, dict[str, Any]]:
     """The served model's id (None when the service is down) and the reply options."""
     st.sidebar.title("Blenderbot chat")
+    account()
     try:
         info: dict[str, Any] | None = api.info()
         st.sidebar.caption(f"Model: **{info['model']}** ({info['device']}, {info['dtype']})")
@@ -84,7 +121,7 @@ def sidebar(
 
     st.sidebar.subheader("Conversation")
     if st.sidebar.button("Clear conversation", key="clear", icon=":material/add_comment:"):
-        open_conversation(db.new_conversation())
+        open_conversation(db.new_conversation(owner).public_id)
         st.rerun()
     st.sidebar.download_button(
         "Download conversation (CSV)", to_csv(messages),
@@ -96,37 +133,49 @@ def sidebar(
         file_name=f"conversation-{conversation}.json", mime="application/json",
         disabled=not messages,
     )  # fmt: skip
-    past_conversations(db, conversation)
+    past_conversations(db, owner, conversation)
     return (info["model"] if info else None), options
 
 
-def past_conversations(db: ChatStore, current: int) -> None:
+def past_conversations(db: ChatStore, owner: str, current: int) -> None:
     st.sidebar.subheader("Past conversations")
-    for summary in db.conversations():
+    for summary in db.conversations(owner):
         title = summary.title[:40] or "(empty)"
         open_col, delete_col = st.sidebar.columns([5, 1])
         if open_col.button(
             title, key=f"open-{summary.id}", disabled=summary.id == current,
             use_container_width=True,
         ):  # fmt: skip
-            open_conversation(summary.id)
+            open_conversation(summary.public_id)
             st.rerun()
-        if delete_col.button("✕", key=f"delete-{summary.id}", help="Delete"):
-            db.delete(summary.id)
-            st.rerun()
+        with delete_col.popover("✕", help="Delete"):
+            st.write(f"Delete “{title}” and all its messages?")
+            if st.button("Delete", key=f"delete-{summary.id}", type="primary"):
+                db.delete(summary.id, owner)
+                st.rerun()
 
 
-def show_text(content: str, truncated: bool) -> None:
-    """One bubble's text, with the truncation note under a reply that needed it."""
+def show_text(content: str, truncated: bool, state: str = "done") -> None:
+    """One bubble's text, with a note under a reply that was cut or stopped."""
     st.markdown(content or "_(no words)_")
     if truncated:
         st.caption(TRUNCATION_NOTE)
+    if state == "stopped":
+        st.caption(STOPPED_NOTE)
 
 
-def show_thread(messages: list[StoredMessage]) -> None:
+def show_thread(db: ChatStore, messages: list[StoredMessage]) -> list[StoredMessage]:
+    """The thread; a reply still marked as being written by a session that is gone
+    is marked stopped (what it wrote is kept). The messages as shown."""
+    shown = []
     for message in messages:
+        if message.state == "writing" and message.id not in replies_being_written():
+            db.update_reply(message.id, message.content, "stopped", message.truncated)
+            message = replace(message, state="stopped")
         with st.chat_message(message.role):
-            show_text(message.content, message.truncated)
+            show_text(message.content, message.truncated, message.state)
+        shown.append(message)
+    return shown
 
 
 def answer(
@@ -135,11 +184,14 @@ def answer(
     conversation: int,
     model: str | None,
     options: dict[str, Any],
-) -> None:
-    """Ask the service to answer the thread, whose last message is the user's.
+) -> str | None:
+    """Ask the service to answer the thread, whose last message is the user's; what
+    went wrong, if anything.
 
-    Greedy and sampled replies stream in as they are written; beam search only
-    knows its reply at the end, so a spinner waits for it.
+    Greedy and sampled replies stream in as they are written, and are stored as they
+    grow: a reload shows what was written so far, and Stop (or leaving) keeps it,
+    marked as stopped, while the service stops writing at its next step. Beam search
+    only knows its reply at the end, so a spinner waits for it.
     """
     messages = [{"role": m.role, "content": m.content} for m in db.messages(conversation)]
     with st.chat_message("assistant"):
@@ -150,39 +202,99 @@ def answer(
 
         try:
             if model is not None and options.get("num_beams") == 1:
-                streamed = api.stream(model, messages, on_busy=tell_busy, **options)
-                status.empty()
-                text, truncated = st.write_stream(streamed), streamed.truncated
-                if truncated:
-                    st.caption(TRUNCATION_NOTE)
-            else:
-                with st.spinner("Thinking…"):
-                    reply = api.respond(messages, on_busy=tell_busy, **options)
-                text, truncated = reply["reply"], reply["truncated"]
-                status.empty()
-                show_text(text, truncated)
+                stream_reply(db, api, conversation, model, messages, options, tell_busy)
+                return None
+            with st.spinner("Thinking…"):
+                reply = api.respond(messages, on_busy=tell_busy, **options)
         except ServiceError as error:
-            status.empty()
-            st.error(f"{error} Your message is saved: press Retry to send it again.")
-            return
-        db.add(conversation, "assistant", text, truncated)
+            return f"{error} Your message is saved: press Retry to send it again."
+        db.add(conversation, "assistant", reply["reply"], reply["truncated"])
+        return None
+
+
+def stream_reply(
+    db: ChatStore,
+    api: ChatClient,
+    conversation: int,
+    model: str,
+    messages: list[dict[str, str]],
+    options: dict[str, Any],
+    tell_busy: Callable[[float], None],
+) -> None:
+    streamed = api.stream(model, messages, on_busy=tell_busy, **options)
+    reply_id = db.add(conversation, "assistant", "", state="writing")
+    replies_being_written().add(reply_id)
+    st.session_state.writing = reply_id
+    st.button("Stop", key="stop", icon=":material/stop_circle:")  # a click reruns: see below
+    pieces, text, state = iter(streamed), "", "stopped"
+
+    def stored_as_written() -> Iterator[str]:
+        nonlocal text
+        for piece in pieces:
+            text += piece
+            db.update_reply(reply_id, text, "writing")
+            yield piece
+
+    try:
+        st.write_stream(stored_as_written())
+        state = "done"
+    finally:  # also when Stop (or a new message) interrupts this run
+        pieces.close()  # the service stops writing at its next step
+        if state == "done" or text:
+            db.update_reply(reply_id, text, state, streamed.truncated)
+        else:
+            db.remove_message(reply_id)  # nothing written: the message waits for Retry
+        replies_being_written().discard(reply_id)
 
 
 def main() -> None:
     st.set_page_config(page_title="Blenderbot chat", page_icon="💬")
     db, api = ChatStore(), ChatClient.from_env()
-    conversation = current_conversation(db)
-    messages = db.messages(conversation)
-    model, options = sidebar(db, api, conversation, messages)
-    show_thread(messages)
-    unanswered = bool(messages) and messages[-1].role == "user"
-    if unanswered and st.button("Retry", key="retry", icon=":material/refresh:"):
-        answer(db, api, conversation, model, options)
-    if (text := st.chat_input("Say something…")) and text.strip():
+    owner = current_owner()
+    if not st.session_state.get("claimed"):
+        db.claim_unowned(owner)
+        st.session_state.claimed = True
+    wait_for_the_interrupted_run()
+    conversation = current_conversation(db, owner)
+    model, options = sidebar(db, api, owner, conversation, db.messages(conversation))
+    messages = show_thread(db, db.messages(conversation))
+    waiting = bool(messages) and messages[-1].role == "user"
+    answering = st.session_state.pop("answer", None) == conversation and waiting
+    # One input, the same widget in every run (so no stale copy stays usable), disabled
+    # while a reply is written.
+    text = st.chat_input("Say something…", key="message", disabled=answering)
+    if answering:
+        st.session_state.failure = answer(db, api, conversation, model, options)
+        st.rerun()
+    if failure := st.session_state.pop("failure", None):
+        st.error(failure)
+    if waiting and st.button("Retry", key="retry", icon=":material/refresh:"):
+        ask_for_an_answer(conversation)
+    last = messages[-1] if messages else None
+    regenerate = last is not None and last.role == "assistant"
+    if regenerate and st.button("Regenerate", key="regenerate", icon=":material/autorenew:"):
+        assert last is not None
+        db.remove_message(last.id)  # replaced: the thread and its export show the new one
+        ask_for_an_answer(conversation)
+    if text and text.strip():
         db.add(conversation, "user", text)
-        with st.chat_message("user"):
-            st.markdown(text)
-        answer(db, api, conversation, model, options)
+        ask_for_an_answer(conversation)
+
+
+def wait_for_the_interrupted_run(timeout_s: float = 5.0) -> None:
+    """Stop, or a message typed while a reply streams, reruns the page while the run
+    it interrupts is still closing that reply (Streamlit starts the new run at once):
+    wait for it to be stored, so the thread shows it as it ended."""
+    reply = st.session_state.pop("writing", None)
+    deadline = time.monotonic() + timeout_s
+    while reply in replies_being_written() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def ask_for_an_answer(conversation: int) -> None:
+    """Answer on the next run, which shows the thread with the input disabled."""
+    st.session_state.answer = conversation
+    st.rerun()
 
 
 main()

@@ -23,19 +23,20 @@ sys.path.insert(0, str(ROOT))
 from devtools.processes import free_port, wait_until_healthy  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-CONVERSATION = ["Hi! I just got back from a long hike.", "What should I cook tonight?"]
+CONVERSATION = ["Hi! What is the capital of France?", "What is a famous landmark there?"]
 START_TIMEOUT_S = 600
 
 
 REPLY_SHOWN = """() => {
     const reply = document.querySelectorAll('[data-testid="stChatMessage"]')[INDEX];
     return reply !== undefined && !reply.querySelector('[data-testid="stSpinner"]')
+        && !reply.querySelector('button')
         && reply.querySelector('[data-testid="stMarkdownContainer"]') !== null;
 }"""
 
 
 def chat(page: Page, text: str) -> None:
-    """Send ``text`` and wait until the reply's bubble replaces the spinner."""
+    """Send ``text`` and wait until its reply is whole (no spinner, no Stop button)."""
     reply = page.locator('[data-testid="stChatMessage"]').count() + 1
     box = page.locator('[data-testid="stChatInputTextArea"]')
     box.fill(text)

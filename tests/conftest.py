@@ -69,6 +69,24 @@ def real_tokenizer_dir() -> Path:
     return REAL_TOKENIZER
 
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (make browser); never a downloaded one
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Headless Chromium, driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
 def offline_env(bentoml_home: Path, model: Path | str) -> dict[str, str]:
     """Environment for subprocesses: own model store, no hub access."""
     return {

@@ -8,18 +8,15 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import CHROMIUM, ROOT
 
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
 TIMEOUT_MS = 120_000
 
 pytestmark = [
@@ -30,50 +27,89 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def chat_page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``streamlit run frontend/app.py`` on 127.0.0.1 against the test service."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CHATBOT_URL": server,
-        "CHATBOT_DATA_DIR": str(tmp_path_factory.mktemp("chat-data")),
-        "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
-        "STREAMLIT_SERVER_PORT": str(port),
-        "STREAMLIT_SERVER_HEADLESS": "true",
-        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-    }
+@contextmanager
+def running(command: list[str], port: int, health: str, **popen: Any) -> Iterator[str]:
+    """``command`` started (its output dropped), answering on 127.0.0.1:``port`` once
+    ``health`` does; its whole process tree stopped on exit."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "frontend/app.py"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(f"{url}/_stcore/health", process)
+        wait_until_healthy(url + health, process)
         yield url
     finally:
         stop_tree(process)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
+@contextmanager
+def streamlit_page(
+    server: str, data: Path, cwd: Path = ROOT, port: int | None = None
+) -> Iterator[str]:
+    """``streamlit run frontend/app.py`` on 127.0.0.1 against the test service, from
+    ``cwd`` (where Streamlit looks for ``.streamlit/secrets.toml``)."""
+    port = port or free_port()
+    env = {
+        **os.environ,
+        "CHATBOT_URL": server,
+        "CHATBOT_DATA_DIR": str(data),
+        "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
+        "STREAMLIT_SERVER_PORT": str(port),
+        "STREAMLIT_SERVER_HEADLESS": "true",
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    }
+    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "frontend" / "app.py")]
+    with running(command, port, "/_stcore/health", cwd=cwd, env=env) as url:
+        yield url
 
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+
+@pytest.fixture(scope="module")
+def chat_page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with streamlit_page(server, tmp_path_factory.mktemp("chat-data")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def oidc_provider() -> Iterator[str]:
+    """A real OpenID Connect provider (oidc-provider-mock) on 127.0.0.1: its login
+    form takes any user name."""
+    port = free_port()
+    command = [sys.executable, "-m", "oidc_provider_mock", "--host", "127.0.0.1", "--port"]
+    with running([*command, str(port)], port, "/.well-known/openid-configuration") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def sign_in_page(
+    server: str, oidc_provider: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The page with sign-in configured as the README says: ``[auth]`` in
+    ``.streamlit/secrets.toml``."""
+    cwd = tmp_path_factory.mktemp("page-with-auth")
+    port = free_port()
+    (cwd / ".streamlit").mkdir()
+    (cwd / ".streamlit" / "secrets.toml").write_text(
+        "[auth]\n"
+        f'redirect_uri = "http://127.0.0.1:{port}/oauth2callback"\n'
+        'cookie_secret = "a-test-cookie-secret-4f1c9a"\n'
+        'client_id = "chat-page"\nclient_secret = "chat-page-secret"\n'
+        f'server_metadata_url = "{oidc_provider}/.well-known/openid-configuration"\n'
+    )
+    with streamlit_page(server, tmp_path_factory.mktemp("chat-data"), cwd, port) as url:
+        yield url
 
 
 REPLY_SHOWN = """() => {
     const bubbles = document.querySelectorAll('[data-testid="stChatMessage"]');
     return bubbles.length >= 2 && !bubbles[1].querySelector('[data-testid="stSpinner"]')
+        && !bubbles[1].querySelector('button')
         && bubbles[1].querySelector('[data-testid="stMarkdownContainer"]') !== null;
 }"""
 
 
 def wait_for_reply(page) -> None:
-    """Until the assistant's bubble shows text, not the thinking spinner."""
+    """Until the assistant's bubble shows its whole reply: no thinking spinner, and no
+    Stop button (which a streaming reply has)."""
     page.wait_for_function(REPLY_SHOWN)
 
 
@@ -107,3 +143,81 @@ def test_chat_reload_and_download_in_a_real_browser(chat_page, browser, tmp_path
     assert rows[0]["text"] == "Hello from Chromium! Ça va? 👋"
     assert rows[1]["text"].strip()
     assert rows[1]["text"].split()[0] in thread[1]
+
+
+def send(page, text: str) -> None:
+    box = page.locator('[data-testid="stChatInputTextArea"]')
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_a_second_browser_sees_no_trace_of_the_first_ones_conversation(chat_page, browser):
+    first = browser.new_context().new_page()
+    first.set_default_timeout(TIMEOUT_MS)
+    first.goto(chat_page)
+    send(first, "My secret plans for Tuesday")
+    wait_for_reply(first)
+    link = first.url
+    assert "?c=" in link
+
+    second = browser.new_context().new_page()  # another browser: its own cookies
+    second.set_default_timeout(TIMEOUT_MS)
+    for url in (chat_page, link):
+        second.goto(url)
+        rendered(second)
+        assert "secret plans" not in second.locator("body").inner_text()
+        assert bubbles(second) == []
+
+    first.reload()
+    wait_for_reply(first)
+    assert "My secret plans for Tuesday" in bubbles(first)[0]
+    first.context.close()
+    second.context.close()
+
+
+def sign_in(page, page_url: str, user: str) -> None:
+    page.goto(page_url)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator('input[name="sub"]').fill(user)  # the provider's own login form
+    page.get_by_role("button", name="Authorize").click()
+    page.get_by_text(f"Signed in as {user}").wait_for()
+
+
+def rendered(page) -> None:
+    """Until the page's script has run to its end (the chat input comes last)."""
+    page.locator('[data-testid="stChatInputTextArea"]').wait_for()
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+    )  # Streamlit's "Running..." indicator
+
+
+def sidebar_text(page) -> str:
+    rendered(page)
+    return page.locator('[data-testid="stSidebar"]').inner_text()
+
+
+def test_signed_in_people_keep_their_own_conversations_in_any_browser(sign_in_page, browser):
+    alice = browser.new_context().new_page()
+    alice.set_default_timeout(TIMEOUT_MS)
+    sign_in(alice, sign_in_page, "alice@example.com")
+    send(alice, "Alice's surprise party plans")
+    wait_for_reply(alice)
+
+    bob = browser.new_context().new_page()
+    bob.set_default_timeout(TIMEOUT_MS)
+    sign_in(bob, sign_in_page, "bob@example.com")
+    assert "surprise party" not in sidebar_text(bob)
+    bob.goto(alice.url)  # Alice's conversation link
+    assert "surprise party" not in sidebar_text(bob)
+    assert bubbles(bob) == []
+
+    elsewhere = browser.new_context().new_page()  # Alice on another browser
+    elsewhere.set_default_timeout(TIMEOUT_MS)
+    sign_in(elsewhere, sign_in_page, "alice@example.com")
+    assert "surprise party" in sidebar_text(elsewhere)
+    elsewhere.get_by_role("button", name="Sign out").click()
+    elsewhere.get_by_role("button", name="End session").click()  # the provider asks
+    elsewhere.get_by_role("button", name="Sign in").wait_for()
+    assert "surprise party" not in sidebar_text(elsewhere)
+    for page in (alice, bob, elsewhere):
+        page.context.close()

@@ -154,3 +154,17 @@ def test_the_image_built_from_the_bento_answers_a_chat(image_build: Future[Built
         stop_tree(server)
         buildah(["buildah", "rm", container])
         buildah(["buildah", "rmi", image.name])
+
+
+def test_the_page_reads_optional_sign_in_settings_from_a_secret():
+    ui = by_kind("Deployment")["ui-deployment.yaml"]["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in ui["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in ui["volumes"]}
+    # Streamlit reads .streamlit/secrets.toml from its working directory, /app in the image.
+    workdir = next(
+        line.split()[1]
+        for line in (ROOT / "frontend" / "Dockerfile").read_text().splitlines()
+        if line.startswith("WORKDIR")
+    )
+    assert mounts["auth"]["mountPath"] == f"{workdir}/.streamlit"
+    assert volumes["auth"]["secret"] == {"secretName": "chatbot-ui-auth", "optional": True}

@@ -9,14 +9,16 @@ by the same ``import_model.py`` that ``make run`` calls."""
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import OFFLINE_MODEL, ROOT, MakeRun
+from conftest import CHROMIUM, OFFLINE_MODEL, ROOT, MakeRun, wait_for
 from streamlit.testing.v1 import AppTest
+from test_browser import TIMEOUT_MS, bubbles, send
 
 from chatbot.models.offline_model import NOTE
 
@@ -71,7 +73,65 @@ def test_the_chat_page_says_so_and_streams_the_answer(
     monkeypatch.setenv("CHATBOT_DATA_DIR", str(tmp_path))
     page = AppTest.from_file(str(ROOT / "frontend" / "app.py"), default_timeout=120).run()
     assert NOTE in [box.value for box in page.sidebar.info]
+    assert "Model: **SmolLM2-135M-Instruct**" in page.sidebar.caption[0].value
+    decoding = page.sidebar.radio[0]
+    assert decoding.value == "Sampling"  # the model card's decoding, from the service
+    assert [s.value for s in page.sidebar.slider] == [128, 0.2, 0.9]
+    decoding.set_value("Greedy").run()  # so the answer is certain
     page.chat_input[0].set_value("What is the capital of France?").run()
     assert not page.exception
     assert not page.error
     assert "Paris" in page.chat_message[-1].markdown[0].value
+
+
+WRITING = """() => {
+    const bubbles = document.querySelectorAll('[data-testid="stChatMessage"]');
+    const texts = bubbles.length >= 2
+        ? [...bubbles[1].querySelectorAll('[data-testid="stMarkdownContainer"]')] : [];
+    return texts.some(text => !text.closest("button") && text.innerText.length > 20);
+}"""  # a reply being written, with some text already
+
+
+def aborted_replies(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.search(r'chatbot_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)',
+                      metrics)  # fmt: skip
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
+def test_stop_keeps_what_was_written_and_the_service_stops_writing(make_run, browser):
+    """In a real browser: Stop mid-reply keeps the partial reply (marked, and still
+    there after a reload), and the service ends that generation early."""
+    aborted = aborted_replies(make_run.url)
+    page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(make_run.page_url)
+    send(page, "Count from 1 to 300, one number per line.")
+    page.wait_for_function(WRITING)
+    assert page.locator('[data-testid="stChatInputTextArea"]').is_disabled()  # input waits
+    page.locator("button", has_text="Stop").click()
+    page.get_by_text("Stopped: the reply ends here.").wait_for()
+    partial = bubbles(page)[1]
+    wait_for(lambda: aborted_replies(make_run.url) > aborted, "the service to count an abort")
+    page.reload()
+    page.get_by_text("Stopped: the reply ends here.").wait_for()
+    assert bubbles(page)[1] == partial
+    assert "300" not in partial
+    page.context.close()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
+def test_a_reload_mid_reply_shows_what_was_written(make_run, browser):
+    page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(make_run.page_url)
+    send(page, "Count from 1 to 300, one number per line.")
+    page.wait_for_function(WRITING)
+    seen = bubbles(page)[1].replace("stop_circle", "").replace("Stop", "").split()
+    page.reload()
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stChatMessage\"]')"
+                           ".length >= 2")  # fmt: skip
+    shown = bubbles(page)[1].split()
+    assert shown[: len(seen) - 1] == seen[:-1]  # the last word may have grown since
+    page.context.close()

@@ -205,6 +205,8 @@ class ChatEngine:
             default_max_new_tokens=self.defaults.max_new_tokens,
             default_num_beams=self.defaults.num_beams,
             default_do_sample=self.defaults.do_sample,
+            default_temperature=self.defaults.temperature,
+            default_top_p=self.defaults.top_p,
         )
 
     def check(self, request: Request) -> EncodedConversation:
@@ -346,7 +348,14 @@ class ChatEngine:
         return PreparedReply(plan, prompt, start_reply)
 
     def finish_reason_of(self, plan: DecodingPlan) -> Callable[[Sequence[int]], FinishReason]:
-        return lambda ids: self._finish_reason(ids, plan)
+        """Why a reply with these new ids ended: its end token or a stop text, or its length."""
+
+        def reason(ids: Sequence[int]) -> FinishReason:
+            if plan.stops and stop_texts.cut(self._decode(list(ids)), plan.stops)[1]:
+                return "stop"
+            return self._finish_reason(ids, plan)
+
+        return reason
 
     def generate_ids(self, batch: Sequence[Sequence[int]], plan: DecodingPlan) -> list[list[int]]:
         """New token ids for each input (end-of-sequence included, padding not).

@@ -109,5 +109,6 @@ class ContinuousBatcher:
                 rows=prepared.plan.num_beams,
                 start_decoding=prepared.start_decoding,
                 sink=sink,
+                finish_reason=self.engine.finish_reason_of(prepared.plan),
             )
         )

@@ -69,6 +69,10 @@ class LoopObserver(Protocol):
 
     def finished(self, total_s: float) -> None: ...
 
+    def ended(self, reason: str) -> None:
+        """Why a reply left the loop: its ``finish_reason`` ("stop", "length"), "abort"
+        (nobody wanted it any more) or "error"."""
+
 
 class _Unobserved:
     def admitted(self, queued_s: float, prompt_tokens: int) -> None: ...
@@ -76,6 +80,7 @@ class _Unobserved:
     def first_token(self, seconds: float) -> None: ...
     def next_token(self, gap_s: float) -> None: ...
     def finished(self, total_s: float) -> None: ...
+    def ended(self, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -86,6 +91,7 @@ class Job:
     rows: int
     start_decoding: Callable[[], Decoding]
     sink: ReplySink
+    finish_reason: Callable[[list[int]], str] = lambda output: "stop"
     arrived: float = field(default_factory=time.perf_counter)
     decoding: Decoding | None = None
     first: int = 0
@@ -261,12 +267,16 @@ class DecodeLoop:
         for job in self.running:
             decoding = job.decoding
             if job.error is not None:
+                self.observer.ended("error")
                 self._guard(job, partial(job.sink.fail, job.error))
             elif decoding is not None and decoding.finished:
                 output = decoding.output()
                 self.observer.finished(time.perf_counter() - job.arrived)
+                self.observer.ended(job.finish_reason(output))
                 self._guard(job, partial(job.sink.finish, output, decoding.choices))
-            elif not job.sink.cancelled():
+            elif job.sink.cancelled():
+                self.observer.ended("abort")
+            else:
                 kept.append(job)
         if len(kept) == len(self.running):
             return

@@ -50,6 +50,11 @@ class LoopMetrics:
         self.generation_tokens = counter(
             name=prefix + "generation_tokens", documentation="Tokens generated"
         )
+        self.ended_replies = counter(
+            name=prefix + "request_success", labelnames=["finished_reason"],
+            documentation="Replies that left the loop, by why: stop, length, "
+            "abort (the client left, or stopped it) or error",
+        )  # fmt: skip
 
     def admitted(self, queued_s: float, prompt_tokens: int) -> None:
         self.queue_time.observe(queued_s)
@@ -71,3 +76,6 @@ class LoopMetrics:
 
     def finished(self, total_s: float) -> None:
         self.e2e_latency.observe(total_s)
+
+    def ended(self, reason: str) -> None:
+        self.ended_replies.labels(finished_reason=reason).inc()

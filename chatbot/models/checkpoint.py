@@ -33,13 +33,14 @@ def is_gguf(source: str) -> bool:
     return source.endswith(".gguf") and Path(source).is_file()
 
 
-def fingerprint(source: str) -> str:
+def fingerprint(source: str, salt: str = "") -> str:
     """Short id of a source's content, so a changed local directory is re-imported.
 
     Hub ids are immutable enough by name; local directories are identified by the
     names, sizes and modification times of their files (cheap even for 1.5 GB).
+    ``salt`` names anything else the import changes (the offline model's decoding).
     """
-    digest = hashlib.sha256(source.encode())
+    digest = hashlib.sha256((source + salt).encode())
     if is_local(source):
         files = [Path(source)] if is_gguf(source) else Path(source).rglob("*")
         for file in sorted(p for p in files if p.is_file()):
@@ -73,8 +74,9 @@ def _unavailable(source: str, reason: str) -> CheckpointUnavailable:
     )
 
 
-def save_checkpoint(source: str, destination: Path) -> None:
-    """Load ``source`` (hub id or directory), check it, save it to ``destination``.
+def save_checkpoint(source: str, destination: Path, decoding: dict[str, Any] | None = None) -> None:
+    """Load ``source`` (hub id or directory), check it, save it to ``destination``,
+    with ``decoding`` written over its generation_config.
 
     Loading before saving proves the checkpoint works and leaves a normalised
     directory (safetensors weights, tokenizer.json) whatever the source held.
@@ -82,7 +84,7 @@ def save_checkpoint(source: str, destination: Path) -> None:
     local = is_local(source)
     if not local and not _hub_reachable():
         try:
-            _load_and_save(source, destination, local_files_only=True)
+            _load_and_save(source, destination, True, decoding or {})
             return
         except OSError:
             raise _unavailable(
@@ -91,12 +93,14 @@ def save_checkpoint(source: str, destination: Path) -> None:
                 "local Hugging Face cache.",
             ) from None
     try:
-        _load_and_save(source, destination, local_files_only=local)
+        _load_and_save(source, destination, local, decoding or {})
     except OSError as error:
         raise _unavailable(source, f"{error}".splitlines()[0]) from error
 
 
-def _load_and_save(source: str, destination: Path, local_files_only: bool) -> None:
+def _load_and_save(
+    source: str, destination: Path, local_files_only: bool, decoding: dict[str, Any]
+) -> None:
     location: dict[str, Any]
     if is_gguf(source):
         path = Path(source)
@@ -112,6 +116,7 @@ def _load_and_save(source: str, destination: Path, local_files_only: bool) -> No
     model = family.model_class.from_pretrained(**location, config=config)
     if is_gguf(source):
         model = _plain_copy(model)
+    model.generation_config.update(**decoding)
     os.makedirs(destination, exist_ok=True)
     tokenizer.save_pretrained(destination)
     model.save_pretrained(destination)

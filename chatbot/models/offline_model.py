@@ -21,6 +21,13 @@ NOTE = (
 )
 
 
+RECOMMENDED_DECODING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "max_new_tokens": 128}
+"""SmolLM2-135M-Instruct's model card decodes with sampling at temperature 0.2 and
+top-p 0.9; greedy, it repeats one line until the length limit. Written into the
+imported model's generation_config, so every route and the page start from it; 128
+tokens is a few sentences, which is what such a small model writes well."""
+
+
 def offline_model_path() -> Path | None:
     """The GGUF file, when the package is installed (found without importing it)."""
     try:
@@ -30,10 +37,14 @@ def offline_model_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def is_offline_model(source: str) -> bool:
+    path = offline_model_path()
+    return path is not None and Path(source).resolve() == path.resolve()
+
+
 def note_for(source: str) -> str | None:
     """What a person should know about a model from ``source`` (shown on the page)."""
-    path = offline_model_path()
-    return NOTE if path is not None and Path(source).resolve() == path.resolve() else None
+    return NOTE if is_offline_model(source) else None
 
 
 if __name__ == "__main__":
