@@ -30,6 +30,7 @@ from chatbot.http.json_only import JsonOnly
 from chatbot.http.loop_metrics import LoopMetrics
 from chatbot.http.openai_api import build_openai_app
 from chatbot.http.openapi_spec import CompletedSpec
+from chatbot.http.process_metrics import ResidentMemory
 from chatbot.http.readable_errors import ReadableValidationErrors
 from chatbot.http.request_log import RequestLog, note_tokens
 from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo, TextRequest
@@ -39,6 +40,7 @@ settings = Settings.from_env()
 CONTINUOUS = settings.batching == "continuous"
 BUSY = (ServiceUnavailable, QueueFull)  # the batcher's or the decode loop's queue is full
 openai_v1 = build_openai_app(backend_errors=BUSY)
+resident_memory = ResidentMemory(bentoml.metrics)
 
 
 class BentoArgs(BaseModel):
@@ -86,6 +88,7 @@ class Chatbot:
         """Load the model in the background so /livez answers while it loads."""
         self.continuous: ContinuousBatcher | None = None
         self.loading = asyncio.create_task(asyncio.to_thread(self._load))
+        self.memory_watch = asyncio.create_task(resident_memory.keep_updated())
         openai_v1.state.backend = self
         # Adaptive mode: requests arriving together reach the batcher in one call
         # (chatbot.engine.coalescing); the decode loop needs no such help.

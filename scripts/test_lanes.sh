@@ -4,8 +4,8 @@
 # another); the shared-servers lane reports as it goes, the own-processes lane's report
 # follows. Then the soak runs alone: with both lanes beside it, 1 or 2 of its 2,000
 # requests were twice lost at the connection level (httpx.ReadError, never seen by the
-# server), which it never showed alone. Fails if any part fails; extra arguments go
-# to every part.
+# server; once since, alone: the soak's client now drops idle connections before the
+# server does). Fails if any part fails; extra arguments go to every part.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
