@@ -234,7 +234,6 @@ class ChatEngine:
             if options.do_sample is not None
             else d.do_sample or options.uses_sampling_knobs
         )
-
         return DecodingPlan(
             max_new_tokens=max_new,
             min_new_tokens=min(d.min_new_tokens, max_new),

@@ -35,8 +35,13 @@ class StopTexts(StoppingCriteria):
     """Ends a row once its new tokens' text contains a stop text.
 
     ``first_new`` is the column where the reply starts in the rows it sees (after
-    the decoder start token, or after the prompt). Each step decodes the row's new
-    tokens again: a few hundred tokens at most, microseconds per step.
+    the decoder start token, or after the prompt). It runs at every step, so a stop
+    text is found at the step that completes it, within the newest tokens: only those
+    are decoded (each character is at most 4 bytes, each token at least one; 2 more
+    for a tokenizer that drops a slice's leading space). Decoding the whole reply
+    each step cost 0.4 ms at 1,024 tokens, in the decode loop's one thread. Should a
+    stop text hide among special tokens (which have no text) and pass unnoticed here,
+    the reply's text is still cut at it (``cut``, ``StopScanner``).
     """
 
     def __init__(
@@ -45,11 +50,13 @@ class StopTexts(StoppingCriteria):
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
         self.first_new = first_new
+        self.window = 4 * max(len(stop) for stop in self.stops) + 2
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: object
     ) -> torch.BoolTensor:
-        rows = input_ids[:, self.first_new :].tolist()
+        newest = max(self.first_new, input_ids.shape[1] - self.window)
+        rows = input_ids[:, newest:].tolist()
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         hits = [first_stop(text, self.stops) is not None for text in texts]
         stop = torch.tensor(hits, dtype=torch.bool, device=input_ids.device)

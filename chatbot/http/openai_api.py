@@ -385,14 +385,14 @@ def build_openai_app(backend_errors: tuple[type[Exception], ...] = ()) -> FastAP
     ) -> Response | dict[str, Any]:
         backend: ChatBackend = request.app.state.backend
         requests = body.requests()
-        answer = _Answer("chatcmpl", "chat.completion", (await backend.model_info()).model)
+        kind = "chat.completion.chunk" if body.stream else "chat.completion"
+        answer = _Answer("chatcmpl", kind, (await backend.model_info()).model)
 
         def whole(replies: list[ChatReply]) -> dict[str, Any]:
             choices = [chat_choice(i, reply) for i, reply in enumerate(replies)]
             return answer.whole(choices, _usage_of(replies, body.n))
 
         def events(streams: list[ReplyStream]) -> AsyncIterator[str]:
-            answer.base["object"] = "chat.completion.chunk"
             return _chat_events(streams, answer, body.include_usage)
 
         return await _stream_or_whole(backend, body, requests, whole, events)

@@ -125,9 +125,8 @@ class SamplingFields(_Lenient):
             "top_p": self.top_p,
             "top_k": top_k,
             "min_p": self.min_p,
-            "seed": self.seed,
         }
-        sampling = not greedy and any(v is not None for k, v in knobs.items() if k != "seed")
+        sampling = not greedy and any(value is not None for value in knobs.values())
         one_row = self.stream or sampling or logprobs
         options: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
@@ -139,7 +138,7 @@ class SamplingFields(_Lenient):
             "repetition_penalty": self.repetition_penalty,
             "logprobs": logprobs,
             "top_logprobs": top_logprobs,
-            **({} if greedy else knobs),
+            **({} if greedy else {**knobs, "seed": self.seed}),
         }
         return options
 
