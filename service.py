@@ -15,6 +15,7 @@ import asyncio
 from typing import Annotated, Any, cast
 
 import bentoml
+from bentoml._internal.server.http import traffic
 from bentoml.exceptions import ServiceUnavailable
 from bentoml.validators import ContentType
 from pydantic import BaseModel, WithJsonSchema
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse
 from chatbot.engine.chat_engine import ChatEngine, Request
 from chatbot.engine.coalescing import Coalescer
 from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.heap import keep_releasing_freed_memory
 from chatbot.engine.scheduler import QueueFull
 from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
@@ -33,6 +35,7 @@ from chatbot.http.openapi_spec import CompletedSpec
 from chatbot.http.process_metrics import ResidentMemory
 from chatbot.http.readable_errors import ReadableValidationErrors
 from chatbot.http.request_log import RequestLog, note_tokens
+from chatbot.http.response_timeout import ResponseStartTimeout
 from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo, TextRequest
 from chatbot.settings import Settings, display_name
 
@@ -72,6 +75,12 @@ conversations_per_batch = bentoml.metrics.Histogram(
 )
 
 
+# BentoML's timeout middleware keeps each request's context alive for the whole
+# timeout after the reply (chatbot.http.response_timeout); BentoML looks the class up
+# by this name when it builds the app.
+traffic.TimeoutMiddleware = ResponseStartTimeout  # type: ignore[misc, assignment]
+
+
 @bentoml.asgi_app(openai_v1, path="/v1")
 @bentoml.service(
     # Admission answers 504 at CHATBOT_TIMEOUT_S; BentoML's own cut-off is a backstop.
@@ -89,6 +98,10 @@ class Chatbot:
         self.continuous: ContinuousBatcher | None = None
         self.loading = asyncio.create_task(asyncio.to_thread(self._load))
         self.memory_watch = asyncio.create_task(resident_memory.keep_updated())
+        if settings.release_memory_every_s > 0:
+            self.memory_release = asyncio.create_task(
+                keep_releasing_freed_memory(settings.release_memory_every_s)
+            )
         openai_v1.state.backend = self
         # Adaptive mode: requests arriving together reach the batcher in one call
         # (chatbot.engine.coalescing); the decode loop needs no such help.

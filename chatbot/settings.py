@@ -103,6 +103,7 @@ class Settings:
     max_concurrency: int
     max_body_bytes: int
     log_content: bool
+    release_memory_every_s: float
     api_key: str | None = field(default=None, repr=False)  # never printed
 
     @classmethod
@@ -125,5 +126,6 @@ class Settings:
             max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64),
             max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576),
             log_content=_bool("CHATBOT_LOG_CONTENT", False),
+            release_memory_every_s=_float("CHATBOT_RELEASE_MEMORY_EVERY_S", 5),
             api_key=os.environ.get("CHATBOT_API_KEY", "").strip() or None,
         )

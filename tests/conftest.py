@@ -563,6 +563,10 @@ def lane_of(item: pytest.Item) -> str:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--lane", choices=LANES, help="run only this lane's tests")
+    parser.addoption(
+        "--soak-requests", type=int, default=1000,
+        help="requests of each soak after its warm-up (the long soak: 5000 or more)",
+    )  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 from torch import nn
 
 from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.packed_linear import (
+    MAX_ROWS_PER_CALL,
     PackedLinear,
     onednn_available,
     pack_linear_layers,
@@ -41,6 +45,16 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
         together = layer(batch)
         for size in (1, 5, 16):
             assert torch.equal(layer(batch[:size]), together[:size])
+
+
+def test_a_long_input_goes_in_slices_with_the_same_result():
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80)
+    x = torch.randn(3, MAX_ROWS_PER_CALL + 90, 48)  # slices of 256 and 90 rows (bucket 96)
+    with torch.inference_mode():
+        packed = PackedLinear(linear)
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed(x)[:, -5:], packed(x[:, -5:]))
 
 
 def test_a_non_contiguous_input_is_handled():
@@ -96,5 +110,46 @@ def test_skipping_padding_keeps_every_real_positions_output(engine: ChatEngine):
     assert torch.equal(skipped_beams[real_beams], padded.repeat_interleave(3, dim=0)[real_beams])
 
 
-def _requests(texts: list[str]) -> list[ChatRequest]:
-    return [ChatRequest(messages=[{"role": "user", "content": t}]) for t in texts]
+def _requests(texts: list[str], **options) -> list[ChatRequest]:
+    return [ChatRequest(messages=[{"role": "user", "content": t}], **options) for t in texts]
+
+
+def kernels_built(capfd: pytest.CaptureFixture[str], work: Callable[[], object]) -> list[str]:
+    """The oneDNN products (inner_product) whose kernel ``work`` had to build: oneDNN's
+    verbose mode prints a ``cache_miss`` line for each one it creates."""
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        work()
+    printed = capfd.readouterr().out.splitlines()
+    return [line for line in printed if "cache_miss" in line and "inner_product" in line]
+
+
+@pytest.mark.parametrize("family", ["engine", "chat_engine"], ids=["blenderbot", "decoder-only"])
+def test_after_loading_no_batch_or_prompt_size_builds_a_kernel(family, request, capfd):
+    """Kernels are built per row count and kept: all of them are built at load, so a
+    service's memory does not creep up as new prompt and batch sizes arrive."""
+    engine: ChatEngine = request.getfixturevalue(family)
+    sentence = "so what do you like to do on weekends with your friends "
+    conversations = [sentence[: 3 + 5 * n] * (1 + n // 4) for n in range(24)]  # 3 to 600 chars
+
+    def varied_traffic() -> None:
+        for size, beams in ((1, 1), (3, 4), (7, 1), (24, 1), (5, 10)):
+            options = {"num_beams": beams, "max_new_tokens": 6}
+            engine.generate(_requests(conversations[:size], **options))
+
+        async def decode_loop() -> None:  # rows come and go at every step
+            batcher = ContinuousBatcher(engine, 128, 256)
+            try:
+                await asyncio.gather(*(batcher.reply(r) for r in _requests(conversations)))
+            finally:
+                batcher.close()
+
+        asyncio.run(decode_loop())
+
+    assert kernels_built(capfd, varied_traffic) == []
+
+
+def test_a_kernel_being_built_is_seen(capfd):
+    """What the test above relies on: a layer of a shape not packed before builds one."""
+    new_shape = PackedLinear(nn.Linear(24, 40))
+    assert len(kernels_built(capfd, lambda: new_shape(torch.randn(5, 24)))) == 1

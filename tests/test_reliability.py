@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import signal
 import socket
@@ -25,6 +24,7 @@ import pytest
 from conftest import API_KEY, ROOT, Served, in_progress, wait_for
 from streamlit.testing.v1 import AppTest
 
+from benchmarks.memory import soak
 from frontend.client import ChatClient, ServiceError
 
 APP = str(ROOT / "frontend" / "app.py")
@@ -34,11 +34,6 @@ FAST = {"num_beams": 1, "max_new_tokens": 2}
 
 def chat(text: str, **options) -> dict:
     return {"messages": [{"role": "user", "content": text}], **options}
-
-
-def tree_rss(pid: int) -> int:
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
 def log_lines(served: Served) -> list[dict]:
@@ -195,93 +190,22 @@ def test_a_request_past_the_timeout_gets_504_and_the_service_goes_on(guarded):
 # --- soak, disconnects, shutdown ----------------------------------------------------
 
 
-def _soak_request(i: int) -> tuple[str, dict | bytes, bool]:
-    """Request ``i`` of the soak: (route, JSON payload or raw body, is it valid)."""
-    rng = random.Random(i)
-    text = rng.choice(["hi", "How are you?", "Tell me about 🐍 & ünïcode", "ok " * 50])
-    kind = i % 10
-    if kind < 6:
-        return "/respond", chat(text, num_beams=1, max_new_tokens=rng.randint(1, 8)), True
-    if kind == 6 and i % 50 == 6:  # the legacy route: the model's default 10 beams
-        return (
-            "/chat",
-            {"user_input": text, "past_user_inputs": [], "generated_responses": []},
-            True,
-        )
-    if kind == 6:
-        return "/respond", chat(text, num_beams=2, max_new_tokens=8), True
-    if kind == 7:
-        bad = rng.choice(
-            [
-                {"messages": []},
-                chat(text, max_new_tokens=500),
-                chat(text, num_beams=0),
-                {"messages": [{"role": "system", "content": text}]},
-                chat("   "),
-            ]
-        )
-        return "/respond", bad, False
-    if kind == 8:
-        return "/respond", rng.choice([b"{not json", b"", b"[1, 2]", b'{"messages": "hi"}']), False
-    if i % 100 == 9:
-        return "/respond", json.dumps(chat("y" * 1_200_000)).encode(), False
-    return (
-        "/chat",
-        {"user_input": text, "past_user_inputs": ["a"], "generated_responses": []},
-        False,
-    )
-
-
 @pytest.mark.soak
-def test_soak_2000_mixed_requests_at_concurrency_64(served: Served):
-    total, concurrency, warm_up = 2000, 64, 400
-    statuses: Counter[str] = Counter()
-    memory: dict[str, int] = {}
-
-    async def run() -> None:
-        semaphore = asyncio.Semaphore(concurrency)
-        # A connection kept no longer than uvicorn keeps it idle (5 s): reusing one the
-        # server is closing at that moment is an httpx.ReadError that never reached it
-        # (seen once in a run, 1 of 2,000 requests, with httpx's default of 5 s too).
-        limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
-        async with httpx.AsyncClient(base_url=served.url, timeout=120, limits=limits) as client:
-
-            async def one(i: int) -> None:
-                route, body, valid = _soak_request(i)
-                async with semaphore:
-                    try:
-                        if isinstance(body, bytes):
-                            response = await client.post(
-                                route, content=body, headers={"content-type": "application/json"}
-                            )
-                        else:
-                            response = await client.post(route, json=body)
-                    except httpx.HTTPError as error:
-                        statuses[f"connection error {type(error).__name__}"] += 1
-                        return
-                    code = response.status_code
-                    if valid:
-                        statuses["valid answered" if code == 200 else f"valid got {code}"] += 1
-                    else:
-                        statuses[
-                            "invalid refused 4xx" if 400 <= code < 500 else f"invalid got {code}"
-                        ] += 1
-                if i == warm_up:
-                    memory["after warm-up"] = tree_rss(served.process.pid)
-
-            await asyncio.gather(*(one(i) for i in range(total)))
-
-    start = time.perf_counter()
-    asyncio.run(run())
-    seconds = time.perf_counter() - start
-    memory["at the end"] = tree_rss(served.process.pid)
-    growth = memory["at the end"] / memory["after warm-up"] - 1
-    print(f"\nsoak: {total} requests in {seconds:.0f} s, {dict(statuses)}, "
-          f"memory {memory['after warm-up'] / 2**20:.0f} -> {memory['at the end'] / 2**20:.0f} MiB "
-          f"({growth:+.1%})")  # fmt: skip
-    valid = sum(_soak_request(i)[2] for i in range(total))
-    assert statuses == Counter({"valid answered": valid, "invalid refused 4xx": total - valid})
-    assert growth < 0.10
+@pytest.mark.server  # its servers are fixtures looked up by name
+@pytest.mark.parametrize("family", ["served", "chat_model"], ids=["blenderbot", "decoder-only"])
+def test_memory_stays_flat_under_long_varied_load(family, request):
+    """benchmarks/memory.py's traffic: varied lengths and histories,
+    greedy, sampled and beam replies, whole and streamed, clients that leave mid-stream,
+    invalid requests. After the warm-up, the whole server grows by at most 2%."""
+    served: Served = request.getfixturevalue(family)
+    requests = request.config.getoption("soak_requests")
+    # 48 clients: a stream its client left holds one of the server's 64 places until
+    # the server notices, and a 65th request would rightly be told to come back.
+    run = soak(served.url, served.process.pid, requests, requests // 2, 256, concurrency=48)
+    print(f"\nsoak, {family}: {run.seconds:.0f} s, {dict(run.outcomes)}, MiB "
+          f"{[round(b / 2**20) for _, b in run.points]} ({run.growth:+.2%})")  # fmt: skip
+    assert run.outcomes == run.expected
+    assert run.growth <= 0.02
 
 
 def test_clients_that_leave_mid_request_break_neither_their_batch_nor_the_server(served: Served):
