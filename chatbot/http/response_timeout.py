@@ -37,7 +37,8 @@ class ResponseStartTimeout:
 
         app = asyncio.ensure_future(self.app(scope, receive, noting_send))
         # asyncio.wait cancels its own timer as soon as either is done.
-        await asyncio.wait({started, app}, timeout=self.timeout, return_when="FIRST_COMPLETED")
+        first = asyncio.FIRST_COMPLETED
+        await asyncio.wait({started, app}, timeout=self.timeout, return_when=first)
         if not started.done() and app.cancel():
             message = f"Not able to process the request in {self.timeout} seconds"
             await send_error(send, 504, message)
