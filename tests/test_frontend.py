@@ -199,7 +199,9 @@ def test_regenerate_replaces_the_last_reply(page_env):
     after = db.messages(conversation)
     assert [m.role for m in after] == ["user", "assistant"]
     assert after[1].content != before[1].content  # sampled anew
-    assert thread(page)[-1] == ("assistant", after[1].content)
+    # st.markdown strips its text: a random model's reply may end in "\x1f", which
+    # Python counts as whitespace (CI once saw exactly that).
+    assert thread(page)[-1] == ("assistant", after[1].content.strip())
 
 
 # The schema the page wrote before conversations had owners (kept to test migration).
