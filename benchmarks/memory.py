@@ -39,12 +39,11 @@ from transformers import BlenderbotTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import CACHE, RESULTS, SHARED, running, service  # noqa: E402
+from benchmarks.bench import CACHE, RESULTS, SHARED, running, service, tiny_checkpoint  # noqa: E402
 from chatbot.models.tiny_model import (  # noqa: E402
     TINY_ARCHITECTURE,
     build_model,
     build_tiny_chat_checkpoint,
-    build_tiny_checkpoint,
 )
 
 CONCURRENCY = 64
@@ -207,8 +206,7 @@ def blenderbot_checkpoint() -> Path:
     """The tiny architecture with the real tokenizer (its 8,008 tokens), when present."""
     real = SHARED / "blenderbot-400M-distill"
     if not (real / "vocab.json").exists():
-        out = CACHE / "tiny-blenderbot"
-        return out if (out / "model.safetensors").exists() else build_tiny_checkpoint(out)
+        return tiny_checkpoint()
     out = CACHE / "memory-tiny-blenderbot-real-tokenizer"
     if not (out / "model.safetensors").exists():
         tokenizer = BlenderbotTokenizer.from_pretrained(real, model_max_length=128)

@@ -256,8 +256,9 @@ def main() -> None:
         st.session_state.claimed = True
     wait_for_the_interrupted_run()
     conversation = current_conversation(db, owner)
-    model, options = sidebar(db, api, owner, conversation, db.messages(conversation))
-    messages = show_thread(db, db.messages(conversation))
+    stored = db.messages(conversation)
+    model, options = sidebar(db, api, owner, conversation, stored)
+    messages = show_thread(db, stored)
     waiting = bool(messages) and messages[-1].role == "user"
     answering = st.session_state.pop("answer", None) == conversation and waiting
     # One input, the same widget in every run (so no stale copy stays usable), disabled

@@ -91,7 +91,7 @@ class Job:
     rows: int
     start_decoding: Callable[[], Decoding]
     sink: ReplySink
-    finish_reason: Callable[[list[int]], str] = lambda output: "stop"
+    finish_reason: Callable[[list[int]], str]  # of a finished reply, from its new ids
     arrived: float = field(default_factory=time.perf_counter)
     decoding: Decoding | None = None
     first: int = 0
