@@ -21,7 +21,8 @@ from bentoml.validators import ContentType
 from pydantic import BaseModel, WithJsonSchema
 from starlette.responses import JSONResponse
 
-from chatbot.engine.chat_engine import ChatEngine, Request
+from chatbot.engine import precision
+from chatbot.engine.chat_engine import ChatEngine, Request, pick_device
 from chatbot.engine.coalescing import Coalescer
 from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.heap import keep_releasing_freed_memory
@@ -30,6 +31,7 @@ from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
 from chatbot.http.json_only import JsonOnly
 from chatbot.http.loop_metrics import LoopMetrics
+from chatbot.http.model_metrics import ModelInfoGauge
 from chatbot.http.openai_api import build_openai_app
 from chatbot.http.openapi_spec import CompletedSpec
 from chatbot.http.process_metrics import ResidentMemory
@@ -40,10 +42,12 @@ from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings, display_name
 
 settings = Settings.from_env()
+precision.resolve(settings.dtype, pick_device())  # refuse what this machine cannot run, now
 CONTINUOUS = settings.batching == "continuous"
 BUSY = (ServiceUnavailable, QueueFull)  # the batcher's or the decode loop's queue is full
 openai_v1 = build_openai_app(backend_errors=BUSY)
 resident_memory = ResidentMemory(bentoml.metrics)
+model_info = ModelInfoGauge(bentoml.metrics)
 
 
 class BentoArgs(BaseModel):
@@ -126,6 +130,7 @@ class Chatbot:
             note=metadata.get("note") or None,
             dtype=settings.dtype,
         )
+        model_info.show(engine.info())
         if CONTINUOUS:
             self.continuous = ContinuousBatcher(
                 engine, settings.max_rows, settings.max_waiting, LoopMetrics(bentoml.metrics)

@@ -48,7 +48,8 @@ from transformers import BlenderbotTokenizer, GenerationConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.engine.chat_engine import ChatEngine, DecodingPlan, pick_device, pick_dtype  # noqa: E402
+from chatbot.engine import precision  # noqa: E402
+from chatbot.engine.chat_engine import ChatEngine, DecodingPlan, pick_device  # noqa: E402
 from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.settings import DTYPE_CHOICES  # noqa: E402
@@ -584,7 +585,7 @@ def main() -> None:
     chats = conversations(max(w.requests for w in workloads))
     max_batch = max(w.concurrency for w in workloads)
     device = pick_device()
-    dtype = pick_dtype(args.dtype, device)
+    chosen = precision.resolve(args.dtype, device)
     stock = ChatEngine.load(checkpoint, args.model, pack_weights=False, dtype=args.dtype)
     parameters = sum(p.numel() for p in stock.model.parameters())
     machine = {
@@ -592,8 +593,8 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model": f"{args.model} ({parameters / 1e6:.1f} M parameters)",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "matmul_peak_gflops": matmul_peak_gflops(device, dtype),
+        "dtype": chosen.name,
+        "matmul_peak_gflops": matmul_peak_gflops(device, chosen.load_dtype),
     }  # fmt: skip
     weights = decode_weights(stock)
     c1_chats = chats[: workloads[0].requests]  # what the concurrency-1 workload sends
@@ -602,7 +603,7 @@ def main() -> None:
     engine = ChatEngine.load(checkpoint, args.model, dtype=args.dtype)
     bare["loop_latency_s"] = bare_generate(engine, c1_chats, GREEDY_32)
     bare |= decode_rate(engine, chats, max_batch, GREEDY_32["max_new_tokens"], weights)
-    if dtype != torch.float32:
+    if chosen.name != "float32":
         reference = ChatEngine.load(checkpoint, args.model, dtype="float32")
         bare |= agreement(reference, engine, chats[:16])
         del reference
@@ -623,8 +624,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    precision = "" if dtype == torch.float32 else f"-{machine['dtype']}"
-    name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}{precision}"
+    suffix = "" if chosen.name == "float32" else f"-{chosen.name}"
+    name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}{suffix}"
     (args.out / f"{name}.json").write_text(
         json.dumps(
             {

@@ -254,7 +254,15 @@ class ModelInfo(BaseModel):
         default=None, description="What a person should know about this model."
     )
     device: str = Field(description="Where the model runs: cpu or cuda.")
-    dtype: str = Field(description="Precision of the model's weights, e.g. float32.")
+    dtype: str = Field(
+        description="The precision the model computes in (CHATBOT_DTYPE): float32, "
+        "bfloat16, int8 or float16."
+    )
+    cpu_isa: str | None = Field(
+        default=None,
+        description="On a CPU, the instruction set its kernels use, as oneDNN names it "
+        "(avx2, avx512_core_vnni, avx512_core_amx...).",
+    )
     max_new_tokens_limit: int = Field(description="Most new tokens one reply can have.")
     max_beams: int = MAX_BEAMS
     default_max_new_tokens: int

@@ -80,8 +80,8 @@ BATCHING_CHOICES = frozenset({"continuous", "adaptive"})
 """How replies share the model (CHATBOT_BATCHING): the decode loop's per-step batches,
 or BentoML's adaptive batching of whole replies (``service.py``)."""
 
-DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "float16"})
-"""Weight precisions (CHATBOT_DTYPE); ``auto`` picks by device (``chatbot.engine.chat_engine``)."""
+DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "int8", "float16"})
+"""Precisions (CHATBOT_DTYPE); ``auto`` picks by device (``chatbot.engine.precision``)."""
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ SHARED_SERVERS: dict[str, tuple[str, dict[str, str]]] = {  # name: (model store,
     # An API key and one request at a time, no short timeout (so the chat page's
     # back-off can be watched from start to success).
     "single_slot": ("model_store", {"CHATBOT_API_KEY": API_KEY, "CHATBOT_MAX_CONCURRENCY": "1"}),
-    "bfloat16_served": ("model_store", {"CHATBOT_DTYPE": "bfloat16"}),
+    "int8_served": ("model_store", {"CHATBOT_DTYPE": "int8"}),
     # Default settings, for the one test that stops it.
     "served_to_stop": ("model_store", {}),
 }
@@ -266,8 +266,8 @@ def single_slot(servers: Servers) -> Served:
 
 
 @pytest.fixture(scope="session")
-def bfloat16_served(servers: Servers) -> Served:
-    return servers.start("bfloat16_served").ready()
+def int8_served(servers: Servers) -> Served:
+    return servers.start("int8_served").ready()
 
 
 @pytest.fixture

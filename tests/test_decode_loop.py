@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -18,7 +19,8 @@ from test_engine import PROMPTS, request
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
-from chatbot.engine.scheduler import Job, QueueFull
+from chatbot.engine.kernels.cpu import at_least
+from chatbot.engine.scheduler import RELEASE_AFTER_IDLE_S, Job, QueueFull
 from chatbot.schemas import ChatReply, ChatRequest
 
 OPTIONS = [
@@ -74,6 +76,33 @@ def test_replies_are_unchanged_by_what_joins_mid_reply(family_engine, options):
         return list(await asyncio.gather(*(later(i, r) for i, r in enumerate(requests))))
 
     assert run(family_engine, staggered) == replies_alone(family_engine, requests)
+
+
+@pytest.fixture(
+    params=["tiny_checkpoint", "tiny_chat_checkpoint"], ids=["blenderbot", "decoder-only"]
+)
+def family_checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_every_precision_keeps_replies_identical_whatever_joins(family_checkpoint, dtype):
+    """The kernels' row independence, end to end: greedy and beam replies joining
+    mid-reply equal each reply computed alone, in int8 and bfloat16 too."""
+    if dtype == "bfloat16" and not at_least("avx512_core"):
+        pytest.skip("bfloat16 needs AVX-512")
+    engine = ChatEngine.load(family_checkpoint, dtype, dtype=dtype)
+    options = [param.values[0] for param in OPTIONS] * 2
+    requests = [request(p, **o) for p, o in zip(PROMPTS, options, strict=True)]
+
+    async def staggered(batcher: ContinuousBatcher) -> list[ChatReply]:
+        async def later(index: int, r: ChatRequest) -> ChatReply:
+            await asyncio.sleep(0.005 * index)
+            return await batcher.reply(r)
+
+        return list(await asyncio.gather(*(later(i, r) for i, r in enumerate(requests))))
+
+    assert run(engine, staggered) == replies_alone(engine, requests)
 
 
 def test_mixed_options_share_steps_and_stay_identical(family_engine):
@@ -221,3 +250,19 @@ def test_stopping_the_loop_fails_what_it_holds_instead_of_leaving_it_hanging(eng
     results = run(engine, scenario, max_rows=2)
     assert all(isinstance(r, RuntimeError) for r in results), results
     assert "stopped" in str(results[-1])
+
+
+def test_an_idle_loop_gives_its_key_value_buffers_back(family_engine):
+    """A burst's buffers are not kept for good; the next reply is still exact."""
+    first, second = request(PROMPTS[0], max_new_tokens=8), request(PROMPTS[1], max_new_tokens=8)
+
+    async def burst_then_idle(batcher: ContinuousBatcher) -> tuple[int, int, ChatReply]:
+        await batcher.generate([first] * 4)
+        held = batcher.loop.step.slots.capacity
+        await asyncio.sleep(RELEASE_AFTER_IDLE_S + 0.5)
+        return held, batcher.loop.step.slots.capacity, await batcher.reply(second)
+
+    held, idle, reply = run(family_engine, burst_then_idle)
+    assert held >= 4
+    assert idle == 0
+    assert reply == replies_alone(family_engine, [second])[0]

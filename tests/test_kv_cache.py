@@ -10,8 +10,8 @@ from transformers.cache_utils import DynamicLayer
 
 from chatbot.engine.chat_engine import ChatEngine, DecodingPlan
 from chatbot.engine.families import EncoderDecoder, Family
+from chatbot.engine.kernels import Float32Linear, skip_redundant_rows
 from chatbot.engine.kv_cache import ReplyCache, ReplyLayer
-from chatbot.engine.packed_linear import PackedLinear, onednn_available, skip_redundant_rows
 from chatbot.schemas import ChatRequest
 
 TEXTS = [
@@ -71,7 +71,7 @@ def test_replies_are_the_ones_transformers_own_cache_gives(
     assert engine.generate_ids(batch, plan) == ours
 
 
-@pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_a_one_token_prompt_is_not_taken_for_beam_copies():
     """Beam copies are computed once, but a (batch x beams, 1) input is a decoder
     step whose rows differ: it must be computed row by row."""
@@ -79,4 +79,4 @@ def test_a_one_token_prompt_is_not_taken_for_beam_copies():
     linear = nn.Linear(8, 5)
     step = torch.randn(6, 1, 8)  # 2 conversations x 3 beams, all different
     with torch.inference_mode(), skip_redundant_rows(torch.ones(2, 1, dtype=torch.long), copies=3):
-        torch.testing.assert_close(PackedLinear(linear)(step), linear(step))
+        torch.testing.assert_close(Float32Linear(linear)(step), linear(step))

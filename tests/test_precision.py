@@ -1,7 +1,7 @@
-"""Weight precision (CHATBOT_DTYPE): float32 on CPU by default, bf16/fp16 on request.
+"""Precision (CHATBOT_DTYPE): float32 on CPU by default, int8, bf16 or fp16 on request.
 
 The GPU branch of ``auto`` needs a GPU; everything else runs here, the served
-bfloat16 model included.
+int8 and bfloat16 models included (bfloat16 where the CPU has AVX-512).
 """
 
 from __future__ import annotations
@@ -16,19 +16,27 @@ import torch
 from conftest import ROOT, ModelStore, Served
 from torch import nn
 
-from chatbot.engine.chat_engine import ChatEngine, pick_dtype
-from chatbot.engine.packed_linear import PackedLinear
+from chatbot.engine import precision
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.kernels import BFloat16Linear, PackedLinear
+from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
 
 GREEDY = {"num_beams": 1, "max_new_tokens": 8}
+needs_avx512 = pytest.mark.skipif(not at_least("avx512_core"), reason="bfloat16 needs AVX-512")
 
 
-def test_auto_is_float32_on_a_cpu_and_names_map_to_torch_dtypes():
+def test_auto_is_float32_on_a_cpu_and_the_others_load_as_they_compute():
     cpu = torch.device("cpu")
-    assert pick_dtype("auto", cpu) == torch.float32
-    assert pick_dtype("bfloat16", cpu) == torch.bfloat16
-    assert pick_dtype("float16", cpu) == torch.float16
+    assert precision.resolve("auto", cpu) == precision.FLOAT32
+    assert precision.resolve("int8", cpu).load_dtype == torch.float32
+    assert precision.resolve("float16", cpu).load_dtype == torch.float16
+
+
+def test_int8_is_refused_on_a_gpu():
+    with pytest.raises(precision.UnsupportedPrecision, match="int8 is a CPU precision"):
+        precision.resolve("int8", torch.device("cuda"))
 
 
 def test_a_misspelt_dtype_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch):
@@ -39,11 +47,12 @@ def test_a_misspelt_dtype_is_refused_with_the_choices(monkeypatch: pytest.Monkey
         Settings.from_env()
 
 
-def test_a_bfloat16_engine_keeps_its_layers_unpacked_and_answers(tiny_checkpoint: Path):
+@needs_avx512
+def test_a_bfloat16_engine_multiplies_in_bfloat16_and_answers(tiny_checkpoint: Path):
     engine = ChatEngine.load(tiny_checkpoint, "tiny-bf16", dtype="bfloat16")
-    assert engine.model.dtype == torch.bfloat16
-    assert not any(isinstance(m, PackedLinear) for m in engine.model.modules())
-    assert any(type(m) is nn.Linear for m in engine.model.modules())
+    assert engine.model.dtype == torch.float32  # norms, attention, the cache
+    linears = [m for m in engine.model.modules() if isinstance(m, PackedLinear | nn.Linear)]
+    assert sum(type(m) is BFloat16Linear for m in linears) == len(linears) - 1  # the LM head
     info = engine.info()
     assert (info.device, info.dtype) == ("cpu", "bfloat16")
     messages = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -52,16 +61,19 @@ def test_a_bfloat16_engine_keeps_its_layers_unpacked_and_answers(tiny_checkpoint
     assert reply.model == "tiny-bf16"
 
 
-def test_the_service_serves_the_precision_it_is_told(bfloat16_served: Served):
-    info = httpx.post(f"{bfloat16_served.url}/info", json={}, timeout=30).json()
-    assert (info["device"], info["dtype"]) == ("cpu", "bfloat16")
+def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
+    info = httpx.post(f"{int8_served.url}/info", json={}, timeout=30).json()
+    assert (info["device"], info["dtype"], info["cpu_isa"]) == ("cpu", "int8", cpu_isa())
     answer = httpx.post(
-        f"{bfloat16_served.url}/respond",
+        f"{int8_served.url}/respond",
         json={"messages": [{"role": "user", "content": "hi"}], **GREEDY},
         timeout=60,
     )
     assert answer.status_code == 200
     assert answer.json()["completion_tokens"] >= 1
+    metrics = httpx.get(f"{int8_served.url}/metrics", timeout=30).text
+    assert 'dtype="int8"' in metrics
+    assert f'cpu_isa="{cpu_isa()}"' in metrics
 
 
 def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):
@@ -72,6 +84,6 @@ def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert started.returncode != 0
-    assert "CHATBOT_DTYPE must be one of auto, bfloat16, float16, float32, not 'half'" in (
+    assert "CHATBOT_DTYPE must be one of auto, bfloat16, float16, float32, int8, not 'half'" in (
         started.stdout + started.stderr
     )

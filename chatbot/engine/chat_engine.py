@@ -28,11 +28,12 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from chatbot.engine import stop_texts
+from chatbot.engine import precision, stop_texts
 from chatbot.engine.decoding import Decoding, ExtraRules, TokenChoice, start_decoding
 from chatbot.engine.families import detect_family
+from chatbot.engine.kernels import skip_redundant_rows
+from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.model_step import ModelStep
-from chatbot.engine.packed_linear import pack_linear_layers, skip_redundant_rows
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.streaming import ReplyStream
 from chatbot.engine.token_bytes import token_bytes
@@ -48,7 +49,6 @@ from chatbot.schemas import (
     TokenLogprob,
     TopLogprob,
 )
-from chatbot.settings import DTYPE_CHOICES
 
 Request = ChatRequest | TextRequest
 """A conversation to answer, or raw text to continue (``/v1/completions``)."""
@@ -103,23 +103,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES - {"auto"}}
-"""The weight precisions CHATBOT_DTYPE may name besides ``auto``, as torch dtypes."""
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float32 on a CPU: replies stay identical to the reference model,
-    and CPUs without AVX-512 BF16 or AMX gain nothing from bf16. On a GPU it is
-    bfloat16 where the GPU has it natively (float32's range, so no overflow; half
-    the memory traffic per decode step), float16 on older GPUs."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type != "cuda":
-        return torch.float32
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.bfloat16 if native_bf16 else torch.float16
-
-
 class ChatEngine:
     """A loaded chat model and tokenizer, ready to answer batches."""
 
@@ -129,8 +112,10 @@ class ChatEngine:
         tokenizer: PreTrainedTokenizerBase,
         model_name: str,
         note: str | None = None,
+        precision_used: precision.Precision = precision.FLOAT32,
     ) -> None:
         self.model = model.eval()
+        self.precision = precision_used
         self.family = detect_family(model.config, tokenizer)
         tokenizer.padding_side = self.family.padding_side
         if tokenizer.pad_token is None:  # most decoder-only tokenizers have none
@@ -155,18 +140,18 @@ class ChatEngine:
         """Load a standard Hugging Face checkpoint directory of either family, on
         the GPU when there is one.
 
-        ``dtype`` is ``auto`` or a name in ``DTYPES`` (see ``pick_dtype``).
+        ``dtype`` is a ``CHATBOT_DTYPE`` value (``chatbot.engine.precision``).
         ``pack_weights`` puts a CPU model's float32 linear layers on oneDNN's
-        pre-packed path (see ``chatbot.engine.packed_linear``); it does nothing on a GPU.
+        pre-packed path (``chatbot.engine.kernels``); it does nothing on a GPU.
         """
         tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
         family = detect_family(AutoConfig.from_pretrained(path), tokenizer)
         device = pick_device()
-        model = family.model_class.from_pretrained(path, dtype=pick_dtype(dtype, device))
+        chosen = precision.resolve(dtype, device)
+        model = family.model_class.from_pretrained(path, dtype=chosen.load_dtype)
         model = model.to(device).eval()
-        if pack_weights:
-            pack_linear_layers(model)
-        return cls(model, tokenizer, model_name, note)
+        precision.apply(model, chosen, pack_weights)
+        return cls(model, tokenizer, model_name, note, chosen)
 
     @staticmethod
     def _eos_ids(config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -200,7 +185,8 @@ class ChatEngine:
             family=self.family.name,
             note=self.note,
             device=self.model.device.type,
-            dtype=str(self.model.dtype).removeprefix("torch."),
+            dtype=self.precision.name,
+            cpu_isa=cpu_isa() if self.model.device.type == "cpu" else None,
             max_new_tokens_limit=self.max_new_tokens_limit,
             default_max_new_tokens=self.defaults.max_new_tokens,
             default_num_beams=self.defaults.num_beams,
@@ -435,7 +421,7 @@ class ChatEngine:
         self, inputs: BatchEncoding, plan: DecodingPlan
     ) -> AbstractContextManager[None]:
         """Packed layers skip the prompt's padding and compute each conversation's
-        beam copies once (``chatbot.engine.packed_linear``), where the family allows it."""
+        beam copies once (``chatbot.engine.kernels``), where the family allows it."""
         if not self.family.skips_redundant_rows:
             return nullcontext()
         # generate expands each conversation into its beams

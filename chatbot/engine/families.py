@@ -54,7 +54,7 @@ class Family(ABC):
     model_class: type[_BaseAutoModelClass]
     skips_redundant_rows: bool
     """Whether packed layers may skip padded prompt positions and compute beam copies
-    once (``chatbot.engine.packed_linear``): never where they feed a decoder's key/value
+    once (``chatbot.engine.kernels``): never where they feed a decoder's key/value
     cache, which needs finite values in every position."""
 
     @abstractmethod

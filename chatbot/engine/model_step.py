@@ -26,7 +26,7 @@ from torch.nn import functional
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from chatbot.engine.packed_linear import skip_redundant_rows
+from chatbot.engine.kernels import skip_redundant_rows
 from chatbot.engine.slots import RowSlots
 
 
@@ -52,6 +52,10 @@ class ModelStep(ABC):
 
     def reserve(self, rows: int) -> None:
         self.slots.reserve(rows)
+
+    def release(self) -> None:
+        """Give the key/value buffers back while no reply runs."""
+        self.slots.release()
 
     def move(self, source: list[int], target: list[int]) -> None:
         """Rows ``source`` move into rows ``target`` (the scheduler's compaction)."""
@@ -93,6 +97,11 @@ class EncoderDecoderStep(ModelStep):
             grown = self.prompt_lengths.new_zeros(self.cross.capacity)
             grown[: self.prompt_lengths.shape[0]] = self.prompt_lengths
             self.prompt_lengths = grown
+
+    def release(self) -> None:
+        super().release()
+        self.cross.release()
+        self.prompt_lengths = self.prompt_lengths.new_zeros(0)
 
     def _move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
         super()._move_rows(source, target)

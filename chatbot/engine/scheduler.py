@@ -35,6 +35,11 @@ from chatbot.engine.model_step import ModelStep
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
+RELEASE_AFTER_IDLE_S = 0.5
+"""How long the loop waits with nothing to do before it gives its key/value buffers
+back (``ModelStep.release``): long enough that back-to-back requests reuse them,
+short enough that memory measured between bursts is the model's alone."""
+
 
 class QueueFull(Exception):
     """The loop's waiting queue is full: the caller should answer 503."""
@@ -145,7 +150,8 @@ class DecodeLoop:
         while True:
             with self._wake:
                 while not (self.waiting or self.running or self._closed):
-                    self._wake.wait()
+                    if not self._wake.wait(RELEASE_AFTER_IDLE_S):
+                        self.step.release()  # idle: nothing else touches the buffers
                 if self._closed:
                     break
             try:

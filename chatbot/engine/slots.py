@@ -6,7 +6,9 @@ keys as one slice, never a gather. A reply that finishes leaves a hole that the 
 behind it move into; a beam step reorders its group's rows in place. A new token is
 written in place at its own position. Rows and positions grow by doubling when needed
 (rows up to the scheduler's row budget, positions up to the model's context), so a
-model with a long context costs memory for the lengths actually used.
+model with a long context costs memory for the lengths actually used. They never shrink
+while replies run; once the loop goes idle it gives them back (``release``), so a burst
+of long replies does not keep its memory for good.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class RowSlots:
                 grown = self._empty(size, width)
                 grown[: old.shape[0], :, : old.shape[2]] = old
                 buffers[layer] = grown
+
+    def release(self) -> None:
+        """Give every buffer back (the next ``reserve`` allocates anew)."""
+        self.keys = [self._empty(0, 0) for _ in self.keys]
+        self.values = [self._empty(0, 0) for _ in self.values]
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """Store one new position per row: ``keys``/``values`` are (n, heads, 1, dim)

@@ -1,8 +1,14 @@
-"""oneDNN pre-packed linear layers: same maths as nn.Linear, rows independent of batch."""
+"""Linear-layer kernels: the maths of nn.Linear (exactly, or as quantized), and a
+row's result independent of the rows beside it, under every instruction set this
+CPU has."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,39 +18,96 @@ from torch import nn
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
-from chatbot.engine.packed_linear import (
-    MAX_ROWS_PER_CALL,
-    PackedLinear,
-    onednn_available,
-    pack_linear_layers,
+from chatbot.engine.kernels import (
+    BFloat16Linear,
+    Float32Linear,
+    Int8Linear,
+    replace_linear_layers,
     skip_redundant_rows,
 )
+from chatbot.engine.kernels.cpu import LEVELS, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"
+)
+HERE = Path(__file__).parent
 
 
+def levels_of_this_cpu() -> list[str]:
+    """Every instruction-set level this CPU can be capped to (oneDNN's cap names)."""
+    flags = cpu_flags()
+    best = level_of(flags)
+    older = LEVELS[: LEVELS.index(best) + 1] if best else ()
+    return [level for level in older if level != "avx2_vnni" or "avx_vnni" in flags]
+
+
+def run_capped(level: str, *command: str) -> subprocess.CompletedProcess[str]:
+    """``python command...`` in a fresh process whose oneDNN is capped at ``level``."""
+    return subprocess.run(
+        [sys.executable, *command],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": level.upper(), "PYTHONPATH": str(HERE.parent)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("level", levels_of_this_cpu())
+def test_every_kernel_keeps_rows_independent_under_every_instruction_set(level: str):
+    """What keeps a batched reply identical to the reply computed alone, on this CPU
+    and on every older one it can pretend to be (oneDNN reads ONEDNN_MAX_CPU_ISA once,
+    so each level runs in a fresh process). int8 sums must also be exact: a kernel
+    that saturates (16-bit pair sums without VNNI) would be far off."""
+    probe = run_capped(level, str(HERE / "kernel_probe.py"))
+    assert probe.returncode == 0, probe.stderr
+    found = json.loads(probe.stdout)
+    assert found["isa"] == level
+    kernels = {"Float32Linear", "Int8Linear"} | ({"BFloat16Linear"} if "512" in level else set())
+    assert set(found["differ"]) == kernels
+    assert all(rows == [] for rows in found["differ"].values()), found["differ"]
+    assert max(found["int8_error"].values()) < 1e-6, found["int8_error"]
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [("", "avx512_core_bf16"), ("AVX2", "avx2"), ("avx512_core_vnni", "avx512_core_vnni"),
+     ("AVX10_1_512_AMX", "avx512_core_bf16"), ("SSE41", None), ("ALL", "avx512_core_bf16")],
+)  # fmt: skip
+def test_the_instruction_set_is_capped_as_onednn_caps_it(cap: str, expected: str | None):
+    assert capped("avx512_core_bf16", cap) == expected
+
+
+def test_cpu_flags_name_the_levels():
+    epyc = frozenset(
+        ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"]
+    )
+    assert level_of(epyc) == "avx512_core_bf16"
+    assert level_of(frozenset({"avx2", "fma", "avx_vnni"})) == "avx2_vnni"
+    assert level_of(frozenset({"sse4_2"})) is None
+    assert level_of(cpu_flags()) is not None or cpu_isa() is None
+
+
+KERNELS = [Float32Linear, Int8Linear, BFloat16Linear]
+TOLERANCE = {Float32Linear: 1e-5, Int8Linear: 0.03, BFloat16Linear: 0.03}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (3, 1, 96), (4, 9, 96)])
-def test_packed_linear_computes_what_nn_linear_computes(shape, bias):
+def test_a_kernel_computes_what_nn_linear_computes(kernel, shape, bias):
+    """Exactly in float32; within quantization error (relative to the output's size)
+    in the lower precisions."""
+    if kernel is BFloat16Linear and "512" not in (cpu_isa() or ""):
+        pytest.skip("bfloat16 needs AVX-512")
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=bias)
     x = torch.randn(*shape)
     with torch.inference_mode():
-        expected, packed = linear(x), PackedLinear(linear)(x)
-    assert packed.shape == expected.shape
-    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
-    """What keeps a batched reply identical to the reply computed alone."""
-    torch.manual_seed(0)
-    layer = PackedLinear(nn.Linear(1280, 5120))
-    batch = torch.randn(48, 1280)
-    with torch.inference_mode():
-        together = layer(batch)
-        for size in (1, 5, 16):
-            assert torch.equal(layer(batch[:size]), together[:size])
+        expected, got = linear(x), kernel(linear)(x)
+    assert got.shape == expected.shape
+    assert got.dtype == torch.float32
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[kernel] * scale)
 
 
 def test_a_long_input_goes_in_slices_with_the_same_result():
@@ -52,7 +115,7 @@ def test_a_long_input_goes_in_slices_with_the_same_result():
     linear = nn.Linear(48, 80)
     x = torch.randn(3, MAX_ROWS_PER_CALL + 90, 48)  # slices of 256 and 90 rows (bucket 96)
     with torch.inference_mode():
-        packed = PackedLinear(linear)
+        packed = Float32Linear(linear)
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
         assert torch.equal(packed(x)[:, -5:], packed(x[:, -5:]))
 
@@ -62,14 +125,14 @@ def test_a_non_contiguous_input_is_handled():
     x = torch.randn(32, 8).t()  # a transposed view
     assert not x.is_contiguous()
     with torch.inference_mode():
-        torch.testing.assert_close(PackedLinear(linear)(x), linear(x))
+        torch.testing.assert_close(Float32Linear(linear)(x), linear(x))
 
 
 def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoint: Path):
     stock = ChatEngine.load(tiny_checkpoint, "stock", pack_weights=False)
     packed = ChatEngine.load(tiny_checkpoint, "packed")
     assert not any(type(m) is nn.Linear for m in packed.model.modules())
-    assert sum(type(m) is PackedLinear for m in packed.model.modules()) == sum(
+    assert sum(type(m) is Float32Linear for m in packed.model.modules()) == sum(
         type(m) is nn.Linear for m in stock.model.modules()
     )
     inputs = {
@@ -84,9 +147,29 @@ def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoin
 
 def test_packing_leaves_other_dtypes_alone():
     model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 8))
-    assert pack_linear_layers(model) == 1
+    assert replace_linear_layers(model, Float32Linear) == 1
     assert type(model[0]) is nn.Linear
-    assert type(model[1]) is PackedLinear
+    assert type(model[1]) is Float32Linear
+
+
+def test_int8_keeps_the_lm_head_in_float32(tiny_checkpoint: Path):
+    engine = ChatEngine.load(tiny_checkpoint, "int8", dtype="int8")
+    kinds = {name: type(m) for name, m in engine.model.named_modules()}
+    assert kinds["lm_head"] is Float32Linear
+    assert {kind for name, kind in kinds.items() if name.endswith("_proj")} == {Int8Linear}
+    assert not any(kind is nn.Linear for kind in kinds.values())
+    assert (engine.info().dtype, engine.info().cpu_isa) == ("int8", cpu_isa())
+    unpacked = ChatEngine.load(tiny_checkpoint, "int8", dtype="int8", pack_weights=False)
+    assert type(unpacked.model.lm_head) is nn.Linear  # pack_weights governs float32 layers
+
+
+@pytest.mark.skipif("avx2" not in levels_of_this_cpu(), reason="needs an AVX2 CPU")
+def test_bfloat16_without_avx512_is_refused_with_the_reason():
+    code = "import torch; from chatbot.engine import precision; "
+    code += "precision.resolve('bfloat16', torch.device('cpu'))"
+    refused = run_capped("avx2", "-c", code)
+    assert refused.returncode != 0
+    assert "CHATBOT_DTYPE=bfloat16 needs a CPU with AVX-512 (this one runs avx2)" in refused.stderr
 
 
 def test_skipping_padding_keeps_every_real_positions_output(engine: ChatEngine):
@@ -151,5 +234,5 @@ def test_after_loading_no_batch_or_prompt_size_builds_a_kernel(family, request, 
 
 def test_a_kernel_being_built_is_seen(capfd):
     """What the test above relies on: a layer of a shape not packed before builds one."""
-    new_shape = PackedLinear(nn.Linear(24, 40))
+    new_shape = Float32Linear(nn.Linear(24, 40))
     assert len(kernels_built(capfd, lambda: new_shape(torch.randn(5, 24)))) == 1

@@ -1,31 +1,34 @@
-"""Linear layers with weights pre-packed for oneDNN: the CPU decode fast path.
+"""What every packed linear layer shares, whatever its precision: which rows it computes
+and how many it hands to its kernel at once.
 
 Decoding multiplies a few rows (one per conversation in the batch) by every weight
-matrix at each step. PyTorch's default CPU route for that shape (MKL ``addmm``) is
-slow on small row counts: on the 2-core benchmark machine a 1280x5120 layer took
-10.3 ms for 8 rows, against 1.8 ms for 1, so batching barely paid. The same product
-through oneDNN with the weight reordered once into its blocked layout takes 2.9 ms
-for 8 rows and runs at 54 GFLOP/s for 32 (MKL: 27). This is what TorchInductor's
-weight freezing does, without the compile step.
+matrix at each step. A kernel subclass (``float32``, ``int8``, ``bfloat16``) only says
+how one block of rows is multiplied; this base class decides the blocks.
 
-The packing is chosen for a typical decode batch (``BATCH_HINT`` rows). With it every
-row's result is independent of how many rows share the call, so a batched reply
-stays identical to the same reply computed alone.
+**Row counts.** A kernel library builds one kernel per row count it is given and keeps
+it (oneDNN: about 0.5 MiB of code apiece), and may pick a different algorithm for a
+different count. So every call is rounded up to a bucket (``row_bucket``): the kernels
+are few, all built at load (``warm_up``), and a row's result never depends on how many
+rows share the call as long as each bucket's kernel treats rows independently
+(``tests/test_kernels.py`` checks this under every instruction set the CPU has).
+oneDNN's float32 kernel for a single row sums in another order on AVX-512 than its
+kernel for two or more, so the smallest bucket is 2.
 
-``skip_redundant_rows`` goes one step further for the prompt. A batch is padded to
-its longest conversation, and the encoder plus the decoder's cross-attention keys and
-values are otherwise computed for every padding position too: in the benchmark's
-batch of 32 chit-chat conversations 58% of the 32 x 128 positions were padding.
-Inside the context, layers skip those rows (their outputs are zeros, which the
-attention masks ignore), so real rows get exactly the values they would get in a
-padded batch. Beam search also repeats the encoder output once per beam before the
-cross-attention projects it, so with Blenderbot's 10 beams nine of every ten rows of
-those projections repeat the first: they are computed once per conversation.
+**Skipping rows** (``skip_redundant_rows``) goes one step further for the prompt. A
+batch is padded to its longest conversation, and the encoder plus the decoder's
+cross-attention keys and values are otherwise computed for every padding position too:
+in the benchmark's batch of 32 chit-chat conversations 58% of the 32 x 128 positions
+were padding. Inside the context, layers skip those rows (their outputs are zeros,
+which the attention masks ignore), so real rows get exactly the values they would get
+in a padded batch. Beam search also repeats the encoder output once per beam before
+the cross-attention projects it, so with Blenderbot's 10 beams nine of every ten rows
+of those projections repeat the first: they are computed once per conversation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 BATCH_HINT = 32
+"""The row count kernels pack their weights for: a typical decode batch."""
 
 
 @dataclass(frozen=True)
@@ -77,38 +81,46 @@ def skip_redundant_rows(attention_mask: torch.Tensor, copies: int = 1) -> Iterat
         _batch_rows.reset(token)
 
 
+SMALLEST_CALL = 2
+"""oneDNN's float32 kernel for one row sums in another order on AVX-512 than its
+kernel for 2 to 256 (seen: up to 2.6e-6 apart), so one row is multiplied as two."""
+
+
 def row_bucket(count: int) -> int:
-    """``count`` rounded up to 4 steps per doubling past 8 (at most 25% more rows).
-    Rows stay independent, so padding never changes a real row's result."""
+    """``count`` rounded up to 4 steps per doubling past 8 (at most 25% more rows),
+    and to ``SMALLEST_CALL``. Rows stay independent, so padding never changes a real
+    row's result."""
     if count <= 8:
-        return count
+        return max(count, SMALLEST_CALL)
     step = 1 << (count.bit_length() - 3)  # a quarter of the power of two below count
     return -(-count // step) * step
 
 
-# oneDNN builds a kernel for each row count it is given, about 0.5 MiB of code apiece,
-# and keeps it. A product never hands it more than this many rows (a long prompt goes
-# in slices), so the row counts it sees are the buckets up to here: 28 of them, built
+# A product never hands a kernel more than this many rows (a long prompt goes in
+# slices), so the row counts it sees are the buckets up to here: 27 of them, built
 # once at load (``warm_up``) rather than one by one over hours of traffic.
 MAX_ROWS_PER_CALL = 256
 ROW_COUNTS = sorted({row_bucket(count) for count in range(1, MAX_ROWS_PER_CALL + 1)})
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+class PackedLinear(nn.Module, ABC):
+    """Inference-only replacement for ``nn.Linear``: float32 in, float32 out, the
+    weight held in whatever form the subclass's kernel wants."""
 
-
-class PackedLinear(nn.Module):
-    """Inference-only replacement for ``nn.Linear`` holding a oneDNN-packed weight."""
+    kernel = ""
+    """The kernel's name, shown by ``repr``."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # Plain attributes, not parameters: the opaque oneDNN tensor must not reach
-        # state_dict, .to() or the optimiser machinery.
-        weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        # Plain attributes, not parameters: packed weights must not reach state_dict,
+        # .to() or the optimiser machinery.
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    @abstractmethod
+    def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        """(count, in) contiguous float32 rows -> (count, out) float32 ``rows @ W.T + b``,
+        each output row computed from its own input row alone."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _batch_rows.get().get(x.shape[:-1])
@@ -123,9 +135,9 @@ class PackedLinear(nn.Module):
         return out.repeat_interleave(rows.copies, dim=0) if rows.copies > 1 else out
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + b``, handed to oneDNN in slices of at most ``MAX_ROWS_PER_CALL``
-        rows, each rounded up to a bucket (``row_bucket``), so that its kernel cache
-        stays bounded whatever the batch and prompt lengths."""
+        """``x @ W.T + b``, handed to the kernel in slices of at most
+        ``MAX_ROWS_PER_CALL`` rows, each rounded up to a bucket (``row_bucket``), so
+        that its kernel cache stays bounded whatever the batch and prompt lengths."""
         rows = x.reshape(-1, x.shape[-1])
         out = torch.cat([self._bucketed(part) for part in rows.split(MAX_ROWS_PER_CALL)])
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -135,45 +147,39 @@ class PackedLinear(nn.Module):
         padded = row_bucket(count)
         if padded > count:
             rows = torch.cat([rows, rows.new_zeros(padded - count, rows.shape[1])])
-        out = torch.ops.mkldnn._linear_pointwise(
-            rows.contiguous(), self.packed, self.bias, "none", [], ""
-        )
-        return out[:count]
+        return self._multiply(rows.contiguous())[:count]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel}"
 
 
-def pack_linear_layers(model: nn.Module) -> int:
-    """Swap every fp32 ``nn.Linear`` of a CPU model for a ``PackedLinear``, and build
-    the oneDNN kernels they will use.
-
-    Returns how many layers were packed (0 when oneDNN is missing or the model is
-    not an fp32 CPU model, which are left untouched).
-    """
-    if not onednn_available():
-        return 0
+def replace_linear_layers(
+    model: nn.Module, make: Callable[[nn.Linear], PackedLinear], keep: frozenset[str] = frozenset()
+) -> int:
+    """Swap every float32 CPU ``nn.Linear`` of ``model`` not named in ``keep`` for
+    ``make(layer)``, and build the kernels they will use. Returns how many were swapped."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
         if type(module) is nn.Linear
+        and name not in keep
         and module.weight.device.type == "cpu"
         and module.weight.dtype == torch.float32
     ]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, PackedLinear(module))
+        setattr(model.get_submodule(parent_name), child, make(module))
     warm_up(model)
     return len(targets)
 
 
 def warm_up(model: nn.Module) -> None:
-    """Build every kernel the packed layers will ask oneDNN for, now: one per layer
+    """Build every kernel the packed layers will ask for, now: one per layer type,
     shape and row count in ``ROW_COUNTS``. Built lazily instead, they arrive as new
     prompt and batch sizes do, and the process grows for thousands of requests
     (measured: +28 MiB over 4,500 varied requests on the tiny model)."""
     shapes = {
-        (layer.in_features, layer.out_features, layer.bias is None): layer
+        (type(layer), layer.in_features, layer.out_features, layer.bias is None): layer
         for layer in model.modules()
         if isinstance(layer, PackedLinear)
     }

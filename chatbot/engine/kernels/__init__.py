@@ -1,0 +1,27 @@
+"""Linear-layer kernels, one per precision, behind one interface.
+
+A kernel is a ``PackedLinear`` subclass (``rows``): built from an ``nn.Linear`` once at
+load (pack, quantize), then called like the layer it replaces, float32 in and out.
+Model code never asks which one runs. ``chatbot.engine.precision`` picks one per
+``CHATBOT_DTYPE`` and checks it against the CPU (``cpu``).
+
+| kernel | weights | activations |
+|---|---|---|
+| ``Float32Linear`` | float32, oneDNN-packed | float32 |
+| ``BFloat16Linear`` | bfloat16, oneDNN-packed | rounded to bfloat16 |
+| ``Int8Linear`` | int8, a scale per output channel | int8, a scale per row |
+"""
+
+from chatbot.engine.kernels.bfloat16 import BFloat16Linear
+from chatbot.engine.kernels.float32 import Float32Linear
+from chatbot.engine.kernels.int8 import Int8Linear
+from chatbot.engine.kernels.rows import PackedLinear, replace_linear_layers, skip_redundant_rows
+
+__all__ = [
+    "BFloat16Linear",
+    "Float32Linear",
+    "Int8Linear",
+    "PackedLinear",
+    "replace_linear_layers",
+    "skip_redundant_rows",
+]

@@ -1,0 +1,68 @@
+"""int8 weights and int8 activations, each row scaled on its own: fast and batch-invariant.
+
+Weights are quantized once, symmetrically, with one scale per output channel (row of
+W). Activations are quantized at each call with one scale per input row (its absolute
+maximum over 127), so a row's integers depend on that row alone. oneDNN multiplies
+unsigned 8-bit activations (the signed values shifted by 128, its zero point) by the
+signed weights and sums in 32-bit integers, which is exact: the product of a row is the
+same whatever rows share the call and whichever kernel the row count selects. The
+row's and the channel's scales are applied afterwards, element by element.
+
+Without VNNI (AVX2, AVX-512 without VNNI) oneDNN adds each pair of u8 x s8 products in
+a saturating 16-bit sum first (``vpmaddubsw``): 2 x 255 x 127 overflows it, and
+measured rows came out 15% off. There the weights take 7 bits (-63..63), as fbgemm's
+``reduce_range`` does for the same reason, and every sum is exact again.
+
+``torch.ao``'s dynamic quantization (fbgemm) picks one activation scale per call, so a
+row's result there depends on the rows beside it; ``torch._int_mm`` (signed x signed)
+is as exact but falls back to a slow path without AVX-512 VNNI.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chatbot.engine.kernels.cpu import at_least, cpu_isa
+from chatbot.engine.kernels.rows import BATCH_HINT, PackedLinear
+
+_ZERO_POINT = 128
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def weight_range() -> int:
+    """The largest quantized weight magnitude whose sums this CPU keeps exact."""
+    vnni = at_least("avx512_core_vnni") or cpu_isa() == "avx2_vnni"  # AMX: newer still
+    return 127 if vnni else 63
+
+
+def absmax_scales(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """(rows, 1) scales that map each row's largest magnitude to ``levels`` (never 0)."""
+    return (x.abs().amax(dim=1, keepdim=True) / levels).clamp_(min=_TINY)
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, in) float32 -> uint8 rows shifted by 128, and each row's scale."""
+    scales = absmax_scales(rows)
+    return rows.div(scales).round_().add_(_ZERO_POINT).to(torch.uint8), scales
+
+
+class Int8Linear(PackedLinear):
+    kernel = "onednn int8, rowwise"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        weight = linear.weight.detach().float()
+        self.weight_scales = absmax_scales(weight, weight_range()).squeeze(1)
+        quantized = weight.div(self.weight_scales[:, None]).round_().to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(quantized, [BATCH_HINT, self.in_features])
+        self._no_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+
+    def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        quantized, scales = quantize_rows(rows)
+        out = torch.ops.onednn.qlinear_pointwise(
+            quantized, 1.0, _ZERO_POINT, self.packed, self.weight_scales, self._no_zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        out = out.mul_(scales)
+        return out if self.bias is None else out.add_(self.bias)

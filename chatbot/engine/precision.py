@@ -1,0 +1,115 @@
+"""The precision a model computes in (``CHATBOT_DTYPE``), checked against the device.
+
+As CTranslate2 treats its compute type, precision is a property of the loaded model,
+chosen once and refused up front, with a message that names it, where the device cannot
+run it. On a CPU the linear layers, nearly all of a step's work, get a kernel of that
+precision (``chatbot.engine.kernels``); embeddings, norms, attention and the key/value
+cache stay float32. On a GPU the whole model is cast.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from chatbot.engine.kernels import (
+    BFloat16Linear,
+    Float32Linear,
+    Int8Linear,
+    PackedLinear,
+    replace_linear_layers,
+)
+from chatbot.engine.kernels.cpu import at_least, cpu_isa
+
+logger = logging.getLogger(__name__)
+
+KEEP_FLOAT32 = frozenset({"lm_head"})
+"""Layers a lower precision leaves in float32. The LM head decides which token comes
+next: rounding its logits changes greedy replies soonest (issue 22 saw an int4 head
+change a SmolLM2 reply after a dozen tokens), while it is one layer of many (4% of a
+Blenderbot-400M decode step's multiplies)."""
+
+
+class UnsupportedPrecision(ValueError):
+    """The device cannot run the precision asked for; the message says why."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a model's weights are held and multiplied."""
+
+    name: str
+    """As ``/info`` and ``/metrics`` name it: the ``CHATBOT_DTYPE`` value it came from."""
+    load_dtype: torch.dtype
+    """What the checkpoint is loaded (or on a GPU cast) as."""
+    kernel: type[PackedLinear] | None = None
+    """The CPU linear-layer kernel; None: float32 layers, packed when asked to be."""
+
+
+FLOAT32 = Precision("float32", torch.float32)
+CPU_PRECISIONS = {
+    "float32": FLOAT32,
+    "bfloat16": Precision("bfloat16", torch.float32, BFloat16Linear),
+    "int8": Precision("int8", torch.float32, Int8Linear),
+    "float16": Precision("float16", torch.float16),  # stock layers: no fast CPU kernel
+}
+
+
+def resolve(name: str, device: torch.device) -> Precision:
+    """The precision ``name`` (a ``CHATBOT_DTYPE`` value) means on ``device``.
+
+    ``auto`` is float32 on a CPU: replies stay identical to the reference model. On a
+    GPU it is bfloat16 where the GPU has it natively (float32's range, so no
+    overflow; half the memory traffic per decode step), float16 on older GPUs.
+    """
+    if device.type == "cuda":
+        return _on_gpu(name)
+    precision = FLOAT32 if name == "auto" else CPU_PRECISIONS[name]
+    if precision.kernel is BFloat16Linear:
+        _check_bfloat16()
+    return precision
+
+
+def _on_gpu(name: str) -> Precision:
+    if name == "int8":
+        raise UnsupportedPrecision(
+            "CHATBOT_DTYPE=int8 is a CPU precision; on a GPU use bfloat16, float16 or auto"
+        )
+    if name == "auto":
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        name = "bfloat16" if native_bf16 else "float16"
+    return Precision(name, getattr(torch, name))
+
+
+def _check_bfloat16() -> None:
+    """oneDNN packs bfloat16 weights from AVX-512 (BW, VL, DQ) on, and multiplies them
+    natively with AVX512_BF16 or AMX; in between it emulates, about 5x slower."""
+    isa = cpu_isa() or "older than avx2"
+    if not at_least("avx512_core"):
+        raise UnsupportedPrecision(
+            f"CHATBOT_DTYPE=bfloat16 needs a CPU with AVX-512 (this one runs {isa}); "
+            "use float32 or int8"
+        )
+    if not at_least("avx512_core_bf16"):
+        logger.warning(
+            "CHATBOT_DTYPE=bfloat16 on %s: no AVX512_BF16 or AMX, so oneDNN emulates "
+            "bfloat16 (about 5x slower than native); float32 or int8 will be faster",
+            isa,
+        )
+
+
+def apply(model: PreTrainedModel, precision: Precision, pack_weights: bool) -> int:
+    """Give a CPU model's linear layers the precision's kernel (all but
+    ``KEEP_FLOAT32``), and the layers left in float32 oneDNN's packed float32 kernel
+    when ``pack_weights``. Returns how many layers were replaced (0 on a GPU)."""
+    if not torch.backends.mkldnn.is_available() or model.device.type != "cpu":
+        return 0
+    replaced = 0
+    if precision.kernel is not None:
+        replaced = replace_linear_layers(model, precision.kernel, keep=KEEP_FLOAT32)
+    if pack_weights:
+        replaced += replace_linear_layers(model, Float32Linear)
+    return replaced

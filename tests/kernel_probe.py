@@ -1,0 +1,58 @@
+"""Run by tests/test_kernels.py in a fresh process, under one ``ONEDNN_MAX_CPU_ISA``
+(oneDNN reads it once, at its first kernel): for every kernel this instruction set can
+run, the row counts whose rows come out different from the same rows in a 64-row call,
+and the largest error of int8 against exact integer arithmetic. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from chatbot.engine.kernels import BFloat16Linear, Float32Linear, Int8Linear, PackedLinear
+from chatbot.engine.kernels.cpu import at_least, cpu_isa
+from chatbot.engine.kernels.int8 import absmax_scales, weight_range
+
+
+def rows_that_differ(layer: PackedLinear, batch: torch.Tensor) -> list[str]:
+    """Counts (and orders) in which a row's result differs from its 64-row result."""
+    together = layer(batch)
+    differ = [str(n) for n in range(1, 65) if not torch.equal(layer(batch[:n]), together[:n])]
+    if not torch.equal(layer(batch.flip(0)), together.flip(0)):
+        differ.append("reversed")
+    return differ
+
+
+def int8_error(linear: nn.Linear, x: torch.Tensor) -> float:
+    """Largest relative error of ``Int8Linear`` against the same quantization in exact
+    integer arithmetic (a saturating kernel would be far off)."""
+    w_scales = absmax_scales(linear.weight, weight_range()).squeeze(1)
+    w = (linear.weight / w_scales[:, None]).round().long()
+    x_scales = absmax_scales(x)
+    q = (x / x_scales).round().long()
+    exact = (q @ w.T).double() * w_scales.double() * x_scales.double() + linear.bias.double()
+    got = Int8Linear(linear)(x).double()
+    return float((got - exact).abs().max() / exact.abs().max())
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(1280, 5120)
+    batch = torch.randn(64, 1280)
+    kernels: list[type[PackedLinear]] = [Float32Linear, Int8Linear]
+    if at_least("avx512_core"):
+        kernels.append(BFloat16Linear)
+    with torch.inference_mode():
+        differ = {k.__name__: rows_that_differ(k(linear), batch) for k in kernels}
+        # Every weight and input at its extreme: the worst case for 16-bit pair sums.
+        extreme = nn.Linear(256, 64)
+        extreme.weight.copy_(torch.where(torch.rand(64, 256) < 0.5, -1.0, 1.0))
+        worst = torch.full((4, 256), 3.0) * torch.where(torch.rand(4, 256) < 0.9, 1.0, -1.0)
+        errors = {"random": int8_error(linear, batch), "extreme": int8_error(extreme, worst)}
+    print(json.dumps({"isa": cpu_isa(), "differ": differ, "int8_error": errors}))
+
+
+if __name__ == "__main__":
+    main()
