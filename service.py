@@ -12,6 +12,7 @@ this file only wires it to HTTP.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Annotated, Any, cast
 
 import bentoml
@@ -26,6 +27,7 @@ from chatbot.engine.chat_engine import ChatEngine, Request, pick_device
 from chatbot.engine.coalescing import Coalescer
 from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.heap import keep_releasing_freed_memory
+from chatbot.engine.own_thread import in_own_thread
 from chatbot.engine.scheduler import QueueFull
 from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
@@ -100,7 +102,7 @@ class Chatbot:
     def start_loading(self) -> None:
         """Load the model in the background so /livez answers while it loads."""
         self.continuous: ContinuousBatcher | None = None
-        self.loading = asyncio.create_task(asyncio.to_thread(self._load))
+        self.loading = asyncio.create_task(in_own_thread(self._load))
         self.memory_watch = asyncio.create_task(resident_memory.keep_updated())
         if settings.release_memory_every_s > 0:
             self.memory_release = asyncio.create_task(
@@ -159,7 +161,7 @@ class Chatbot:
         if self.continuous is not None:
             return await self.continuous.generate(requests)
         conversations_per_batch.observe(len(requests))
-        return await asyncio.to_thread(engine.generate, requests)
+        return await in_own_thread(partial(engine.generate, requests))
 
     @bentoml.api(input_spec=ChatRequest)
     async def respond(self, **request: Any) -> ChatReply:
@@ -180,7 +182,7 @@ class Chatbot:
 
     async def _continue_texts(self, requests: list[TextRequest]) -> list[ChatReply]:
         engine = await asyncio.shield(self.loading)
-        return await asyncio.to_thread(engine.generate, requests)
+        return await in_own_thread(partial(engine.generate, requests))
 
     @bentoml.api
     async def info(self) -> ModelInfo:

@@ -447,6 +447,51 @@ def open_loop_rate(adaptive: list[Result]) -> float:
     return OPEN_LOOP_LOAD * mixed.replies_per_s
 
 
+def anchor_result(timing: dict) -> Result:
+    """One CTranslate2 batch run as a ``Result``: every request took the whole run."""
+    requests, seconds = timing["requests"], timing["seconds"]
+    return Result(
+        server=f"ctranslate2 {timing['compute_type']}", workload=timing["workload"],
+        completed=requests, failed=0, seconds=seconds, latencies=[seconds] * requests,
+        new_tokens=timing["new_tokens"],
+    )  # fmt: skip
+
+
+def ctranslate2_anchor(
+    checkpoint: Path, workloads: list[Workload], chats, engine: ChatEngine
+) -> tuple[list[Result], dict]:
+    """CTranslate2 float32 and int8 on the same prompts and lengths, as results of
+    servers named ``ctranslate2 <type>`` (``benchmarks/ctranslate2_anchor.py``, in a
+    process of its own). Each closed-loop workload of concurrency N is a batch of N:
+    what a perfect batcher of N requests could do with its kernels."""
+    defaults = engine.defaults
+    jobs = [
+        {"workload": w.name, "requests": w.requests, "batch_size": w.concurrency,
+         "new_tokens": w.options.get("max_new_tokens", defaults.max_new_tokens),
+         "beams": w.options.get("num_beams", defaults.num_beams),
+         "length_penalty": engine.model.generation_config.length_penalty}
+        for w in workloads
+        if w.concurrency and not w.stream and not w.lengths
+    ]  # fmt: skip
+    prompts = [engine.encode(ChatRequest(messages=c)).input_ids for c in chats]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as spec:
+        json.dump(
+            {"checkpoint": str(checkpoint), "cache": str(CACHE), "prompts": prompts,
+             "jobs": jobs}, spec,
+        )  # fmt: skip
+        spec.flush()
+        ran = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "ctranslate2_anchor.py"), spec.name],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    if ran.returncode != 0:
+        print(f"ctranslate2 anchor failed, going on without it:\n{ran.stderr[-2000:]}")
+        return [], {}
+    found = json.loads(ran.stdout.splitlines()[-1])
+    results = [anchor_result(timing) for timing in found["timings"]]
+    return results, {"identical": found["identical"], "compared": found["compared"]}
+
+
 def measure(name, spec, workloads, chats, limit_s, rate) -> tuple[list[Result], int]:
     """Run ``workloads`` against one server; ``rate`` is the open loop's arrival rate
     (None: measure adaptive's capacity first, from its mixed-c32 run)."""
@@ -523,6 +568,11 @@ def _comparisons(results: list[Result], bare: dict) -> list[str]:
             f"open-loop p95 time to first token: {opened[0].percentile(95, True):.2f} s "
             f"(prefill + 3 full-batch decode steps = {bound:.2f} s)",
         ]
+    for r in [r for r in results if r.server == "continuous"]:
+        for anchor in ("ctranslate2 float32", "ctranslate2 int8"):
+            if other := by_key.get((anchor, r.workload)):
+                tokens = r.tokens_per_s / other.tokens_per_s
+                lines.append(f"vs {anchor.replace(' ', '-')} {r.workload}: {tokens:.2f}")
     for server in ("continuous", "adaptive"):
         if c1 := by_key.get((server, "greedy32-c1")):
             lines.append(
@@ -554,6 +604,11 @@ def report(results: list[Result], peaks: dict[str, int], machine: dict, bare: di
         f"({bare['loop_latency_stock_s']:.2f} s / {bare['loop_latency_s']:.2f} s)",
         *_comparisons(results, bare),
     ]
+    if "ctranslate2_identical" in bare:
+        lines.append(
+            f"ctranslate2 conversion: {bare['ctranslate2_identical']} of "
+            f"{bare['ctranslate2_compared']} greedy float32 replies token-identical to generate"
+        )
     if "identical_replies" in bare:
         lines.append(
             f"agreement with float32: {bare['identical_replies']} of "
@@ -603,13 +658,15 @@ def main() -> None:
     engine = ChatEngine.load(checkpoint, args.model, dtype=args.dtype)
     bare["loop_latency_s"] = bare_generate(engine, c1_chats, GREEDY_32)
     bare |= decode_rate(engine, chats, max_batch, GREEDY_32["max_new_tokens"], weights)
+    anchors, identity = ctranslate2_anchor(checkpoint, workloads, chats, engine)
+    bare |= {f"ctranslate2_{key}": value for key, value in identity.items()}
     if chosen.name != "float32":
         reference = ChatEngine.load(checkpoint, args.model, dtype="float32")
         bare |= agreement(reference, engine, chats[:16])
         del reference
     del engine
 
-    results: list[Result] = []
+    results: list[Result] = list(anchors)
     peaks: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as home:
         servers = [

@@ -139,7 +139,8 @@ class PackedLinear(nn.Module, ABC):
         ``MAX_ROWS_PER_CALL`` rows, each rounded up to a bucket (``row_bucket``), so
         that its kernel cache stays bounded whatever the batch and prompt lengths."""
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.cat([self._bucketed(part) for part in rows.split(MAX_ROWS_PER_CALL)])
+        parts = [self._bucketed(part) for part in rows.split(MAX_ROWS_PER_CALL)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _bucketed(self, rows: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,8 @@ class PackedLinear(nn.Module, ABC):
         padded = row_bucket(count)
         if padded > count:
             rows = torch.cat([rows, rows.new_zeros(padded - count, rows.shape[1])])
-        return self._multiply(rows.contiguous())[:count]
+        out = self._multiply(rows.contiguous())
+        return out if padded == count else out[:count]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel}"
