@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-memory
+.PHONY: help install browser container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-memory quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ image: install  ## `bentoml containerize` the Bento: with Docker if an engine ru
 
 bench: install  ## service vs unbatched baseline on the real 400M architecture (ARGS=--quick)
 	$(PY) benchmarks/bench.py $(ARGS)
+
+quality: install  ## perplexity and greedy agreement of each precision on real weights (MODEL=hub id, dir or .gguf; default: the offline SmolLM2)
+	$(PY) benchmarks/quality.py $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 bench-memory: install  ## resident memory over 5,000 varied requests, packed weights on and off (ARGS)
 	$(PY) benchmarks/memory.py $(ARGS)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
+from chatbot.engine import precision
 from devtools.processes import free_port
 from frontend.export import to_csv, to_json
 from frontend.store import ChatStore
@@ -76,7 +78,8 @@ def test_a_message_gets_a_reply_that_survives_a_reload(page_env):
 def test_sidebar_shows_the_model_and_bounded_options(page_env):
     page = open_page()
     assert "tiny-blenderbot" in page.sidebar.caption[0].value
-    assert "(cpu, float32)" in page.sidebar.caption[0].value
+    auto = precision.resolve("auto", torch.device("cpu")).name
+    assert f"(cpu, {auto})" in page.sidebar.caption[0].value
     max_new_tokens = page.sidebar.slider[0]
     assert (max_new_tokens.min, max_new_tokens.max, max_new_tokens.value) == (1, 127, 59)
     decoding = page.sidebar.radio[0]

@@ -129,8 +129,8 @@ def test_a_non_contiguous_input_is_handled():
 
 
 def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoint: Path):
-    stock = ChatEngine.load(tiny_checkpoint, "stock", pack_weights=False)
-    packed = ChatEngine.load(tiny_checkpoint, "packed")
+    stock = ChatEngine.load(tiny_checkpoint, "stock", pack_weights=False, dtype="float32")
+    packed = ChatEngine.load(tiny_checkpoint, "packed", dtype="float32")
     assert not any(type(m) is nn.Linear for m in packed.model.modules())
     assert sum(type(m) is Float32Linear for m in packed.model.modules()) == sum(
         type(m) is nn.Linear for m in stock.model.modules()
@@ -161,6 +161,17 @@ def test_int8_keeps_the_lm_head_in_float32(tiny_checkpoint: Path):
     assert (engine.info().dtype, engine.info().cpu_isa) == ("int8", cpu_isa())
     unpacked = ChatEngine.load(tiny_checkpoint, "int8", dtype="int8", pack_weights=False)
     assert type(unpacked.model.lm_head) is nn.Linear  # pack_weights governs float32 layers
+
+
+@pytest.mark.parametrize(("level", "auto"), [("avx2", "float32"), ("avx512_core_vnni", "float32"),
+                                             ("avx512_core_bf16", "bfloat16")])  # fmt: skip
+def test_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(level: str, auto: str):
+    if level not in levels_of_this_cpu():
+        pytest.skip(f"this CPU cannot run {level}")
+    code = "import torch; from chatbot.engine import precision; "
+    code += "print(precision.resolve('auto', torch.device('cpu')).name)"
+    resolved = run_capped(level, "-c", code)
+    assert resolved.stdout.strip() == auto, resolved.stderr
 
 
 @pytest.mark.skipif("avx2" not in levels_of_this_cpu(), reason="needs an AVX2 CPU")

