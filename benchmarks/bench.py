@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine, DecodingPlan, pick_device  # noqa: E402
-from chatbot.engine.kernels.cpu import cpu_isa  # noqa: E402
+from chatbot.engine.kernels.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
 from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.settings import DTYPE_CHOICES  # noqa: E402
@@ -693,6 +693,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     suffix = "" if chosen.name == "float32" else f"-{chosen.name}"
+    if cpu_isa() != level_of(cpu_flags()):  # capped with ONEDNN_MAX_CPU_ISA
+        suffix += f"-{cpu_isa()}"
     name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}{suffix}"
     (args.out / f"{name}.json").write_text(
         json.dumps(
