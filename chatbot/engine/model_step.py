@@ -2,8 +2,9 @@
 
 ``generate`` advances a batch whose rows all sit at the same position. The decode loop
 mixes rows that joined at different steps, so each row brings its own position and
-attends only to its own filled keys (a boolean mask; no mask at all when every row
-has the same length, which is exactly ``generate``'s own call for a reply alone).
+attends only to its own filled keys: Blenderbot's step attends reply by reply, each in
+the call ``generate`` makes for that reply alone; a decoder-only step passes a boolean
+mask (none at all when every row has the same length).
 
 * ``EncoderDecoderStep`` (Blenderbot): admitting a reply runs the encoder and projects
   the cross-attention keys/values once into the reply's rows (beams share them); each
@@ -19,14 +20,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from chatbot.engine.kernels import skip_redundant_rows
 from chatbot.engine.slots import RowSlots
 
 
@@ -47,8 +47,11 @@ class ModelStep(ABC):
         pass yields them (decoder-only), else None (the first decode step will)."""
 
     @abstractmethod
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens[i]`` at ``positions[i]`` to rows 0..n-1; (n, vocab) logits."""
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
+    ) -> torch.Tensor:
+        """Feed ``tokens[i]`` at ``positions[i]`` to rows 0..n-1, which belong to
+        replies of ``replies`` rows each, in order; (n, vocab) logits."""
 
     def reserve(self, rows: int) -> None:
         self.slots.reserve(rows)
@@ -67,6 +70,23 @@ class ModelStep(ABC):
 
     def reorder(self, first: int, parents: torch.Tensor) -> None:
         self.slots.reorder(first, parents)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One reply's rows (its beams), which attend over the same number of positions."""
+
+    rows: slice
+    length: int
+
+
+def _runs(lengths: list[int], replies: Sequence[int]) -> list[Run]:
+    """Each reply's block of rows, with its length (``lengths`` has one per row)."""
+    runs, first = [], 0
+    for count in replies:
+        runs.append(Run(slice(first, first + count), lengths[first]))
+        first += count
+    return runs
 
 
 def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor | None:
@@ -109,23 +129,16 @@ class EncoderDecoderStep(ModelStep):
         self.prompt_lengths[target] = self.prompt_lengths[source]
 
     def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), longest), dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):  # padded on the right, as generate does
-            ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
-            mask[row, : len(prompt)] = 1
-        skipping = skip_redundant_rows(mask) if longest > 1 else nullcontext()
-        with skipping:
-            encoded = self.model.get_encoder()(input_ids=ids, attention_mask=mask)[0]
-            projected = [self._cross_keys_values(layer, encoded) for layer in self.decoder.layers]
-        for row, (prompt, first, count) in enumerate(zip(prompts, firsts, copies, strict=True)):
-            rows, length = slice(first, first + count), len(prompt)
-            for layer, (keys, values) in enumerate(projected):
-                self.cross.fill(
-                    layer, rows, keys[row : row + 1, :, :length], values[row : row + 1, :, :length]
-                )
-            self.prompt_lengths[rows] = length
+        # Each prompt alone, as ``generate`` encodes a reply's prompt: a padded batch
+        # would give each its attention over the batch's longest (see ``_attend``).
+        encoder = self.model.get_encoder()
+        for prompt, first, count in zip(prompts, firsts, copies, strict=True):
+            ids = torch.tensor([list(prompt)], device=self.device)
+            encoded = encoder(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+            rows = slice(first, first + count)
+            for index, layer in enumerate(self.decoder.layers):
+                self.cross.fill(index, rows, *self._cross_keys_values(layer, encoded))
+            self.prompt_lengths[rows] = len(prompt)
         return None
 
     def _cross_keys_values(self, layer, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,17 +150,19 @@ class EncoderDecoderStep(ModelStep):
         n, length, _ = states.shape
         return states.view(n, length, self.heads, self.head_dim).transpose(1, 2)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
+    ) -> torch.Tensor:
         n = tokens.shape[0]
         decoder = self.decoder
         hidden = decoder.embed_tokens(tokens[:, None])
         hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
         width = int(positions.max()) + 1
         self.slots.reserve(n, width)
-        self_mask = _prefix_mask(positions + 1, width)
+        own_lengths = _runs((positions + 1).tolist(), replies)
         prompt_lengths = self.prompt_lengths[:n]
         prompt_width = int(prompt_lengths.max())
-        cross_mask = _prefix_mask(prompt_lengths, prompt_width)
+        prompt_runs = _runs(prompt_lengths.tolist(), replies)
         for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
             states = layer.self_attn_layer_norm(hidden)
@@ -157,22 +172,32 @@ class EncoderDecoderStep(ModelStep):
             )
             self.slots.write(index, positions, keys, values)
             keys, values = self.slots.view(index, n, width)
-            hidden = hidden + self._attend(attention, states, keys, values, self_mask)
+            hidden = hidden + self._attend(attention, states, keys, values, own_lengths)
             cross = layer.encoder_attn
             states = layer.encoder_attn_layer_norm(hidden)
             keys, values = self.cross.view(index, n, prompt_width)
-            hidden = hidden + self._attend(cross, states, keys, values, cross_mask)
+            hidden = hidden + self._attend(cross, states, keys, values, prompt_runs)
             states = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
             hidden = hidden + layer.fc2(states)
         hidden = decoder.layer_norm(hidden)
         logits = self.model.lm_head(hidden) + self.model.final_logits_bias
         return logits[:, 0]
 
-    def _attend(self, attention, states, keys, values, mask) -> torch.Tensor:
+    def _attend(self, attention, states, keys, values, runs: list[Run]) -> torch.Tensor:
+        """Each reply's rows attend in a call of their own, over their own length: the
+        very call ``generate`` makes for that reply alone. One call for the whole batch
+        (the widest row's length, the rest masked) sums in another order: SDPA's
+        result for a row depends on the width and on the batch size (up to 4.8e-7
+        apart, enough to flip an int8 activation's rounding), so a reply would depend
+        on the replies beside it. Measured: no slower than the masked call."""
         query = self._heads(attention.q_proj(states))
-        out = functional.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=attention.scaling
-        )
+        out = torch.cat([
+            functional.scaled_dot_product_attention(
+                query[run.rows], keys[run.rows, :, : run.length],
+                values[run.rows, :, : run.length], scale=attention.scaling,
+            )
+            for run in runs
+        ])  # fmt: skip
         return attention.out_proj(out.transpose(1, 2).reshape(states.shape))
 
 
@@ -213,7 +238,9 @@ class DecoderOnlyStep(ModelStep):
             first_logits.append(logits[:, -1].expand(count, -1))
         return torch.cat(first_logits)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
+    ) -> torch.Tensor:
         width = int(positions.max()) + 1
         self.slots.reserve(tokens.shape[0], width)
         mask = _prefix_mask(positions + 1, width)

@@ -231,7 +231,7 @@ class DecodeLoop:
             [d.length - 1 for d in decodings for _ in range(d.rows)], device=self.step.device
         )
         try:
-            logits = self.step.decode(tokens, positions)
+            logits = self.step.decode(tokens, positions, [d.rows for d in decodings])
         except Exception as error:  # the model itself failed: every running reply hears of it
             for job in self.running:
                 job.error = error
