@@ -73,18 +73,18 @@ class ModelStep(ABC):
 
 
 @dataclass(frozen=True)
-class Run:
+class _Run:
     """One reply's rows (its beams), which attend over the same number of positions."""
 
     rows: slice
     length: int
 
 
-def _runs(lengths: list[int], replies: Sequence[int]) -> list[Run]:
+def _runs(lengths: list[int], replies: Sequence[int]) -> list[_Run]:
     """Each reply's block of rows, with its length (``lengths`` has one per row)."""
     runs, first = [], 0
     for count in replies:
-        runs.append(Run(slice(first, first + count), lengths[first]))
+        runs.append(_Run(slice(first, first + count), lengths[first]))
         first += count
     return runs
 
@@ -159,7 +159,7 @@ class EncoderDecoderStep(ModelStep):
         hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
         width = int(positions.max()) + 1
         self.slots.reserve(n, width)
-        own_lengths = _runs((positions + 1).tolist(), replies)
+        own_runs = _runs((positions + 1).tolist(), replies)
         prompt_lengths = self.prompt_lengths[:n]
         prompt_width = int(prompt_lengths.max())
         prompt_runs = _runs(prompt_lengths.tolist(), replies)
@@ -172,7 +172,7 @@ class EncoderDecoderStep(ModelStep):
             )
             self.slots.write(index, positions, keys, values)
             keys, values = self.slots.view(index, n, width)
-            hidden = hidden + self._attend(attention, states, keys, values, own_lengths)
+            hidden = hidden + self._attend(attention, states, keys, values, own_runs)
             cross = layer.encoder_attn
             states = layer.encoder_attn_layer_norm(hidden)
             keys, values = self.cross.view(index, n, prompt_width)
@@ -183,7 +183,7 @@ class EncoderDecoderStep(ModelStep):
         logits = self.model.lm_head(hidden) + self.model.final_logits_bias
         return logits[:, 0]
 
-    def _attend(self, attention, states, keys, values, runs: list[Run]) -> torch.Tensor:
+    def _attend(self, attention, states, keys, values, runs: list[_Run]) -> torch.Tensor:
         """Each reply's rows attend in a call of their own, over their own length: the
         very call ``generate`` makes for that reply alone. One call for the whole batch
         (the widest row's length, the rest masked) sums in another order: SDPA's
