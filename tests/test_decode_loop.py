@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -63,19 +63,27 @@ def test_replies_equal_generate_alone_token_for_token(family_engine, options):
     assert together == replies_alone(family_engine, requests)
 
 
-@pytest.mark.parametrize("options", OPTIONS)
-def test_replies_are_unchanged_by_what_joins_mid_reply(family_engine, options):
-    """Each request arrives while the earlier ones are being written."""
-    requests = [request(p, **options) for p in PROMPTS]
+def staggered(
+    requests: list[ChatRequest],
+) -> Callable[[ContinuousBatcher], Awaitable[list[ChatReply]]]:
+    """A scenario in which each request arrives while the earlier ones are written."""
 
-    async def staggered(batcher: ContinuousBatcher) -> list[ChatReply]:
+    async def scenario(batcher: ContinuousBatcher) -> list[ChatReply]:
         async def later(index: int, r: ChatRequest) -> ChatReply:
             await asyncio.sleep(0.005 * index)
             return await batcher.reply(r)
 
         return list(await asyncio.gather(*(later(i, r) for i, r in enumerate(requests))))
 
-    assert run(family_engine, staggered) == replies_alone(family_engine, requests)
+    return scenario
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_replies_are_unchanged_by_what_joins_mid_reply(family_engine, options):
+    """Each request arrives while the earlier ones are being written."""
+    requests = [request(p, **options) for p in PROMPTS]
+
+    assert run(family_engine, staggered(requests)) == replies_alone(family_engine, requests)
 
 
 @pytest.fixture(
@@ -96,14 +104,7 @@ def test_every_precision_keeps_replies_identical_whatever_joins(family_checkpoin
     options = [param.values[0] for param in OPTIONS] * 2
     requests = [request(p, **o) for p, o in zip(PROMPTS, options, strict=True)]
 
-    async def staggered(batcher: ContinuousBatcher) -> list[ChatReply]:
-        async def later(index: int, r: ChatRequest) -> ChatReply:
-            await asyncio.sleep(0.005 * index)
-            return await batcher.reply(r)
-
-        return list(await asyncio.gather(*(later(i, r) for i, r in enumerate(requests))))
-
-    assert run(engine, staggered) == replies_alone(engine, requests)
+    assert run(engine, staggered(requests)) == replies_alone(engine, requests)
 
 
 def test_mixed_options_share_steps_and_stay_identical(family_engine):
