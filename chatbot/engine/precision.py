@@ -64,7 +64,7 @@ def resolve(name: str, device: torch.device) -> Precision:
     ``auto`` is the fastest precision whose quality loss was measured small
     (``benchmarks/quality.py``, SmolLM2-135M-Instruct's real weights, README's
     Precision table): bfloat16 on CPUs that multiply it natively (AVX512_BF16, AMX),
-    perplexity +0.1%, 1.2-1.4x float32's speed; float32 on other CPUs, where bfloat16
+    perplexity +0.1%, 1.4-1.6x float32's served speed; float32 on other CPUs, where bfloat16
     is emulated. int8 is faster still but measured +3.3% perplexity, with greedy
     replies leaving float32's after 8 tokens on average: it is there to be asked for.
     On a GPU ``auto`` is bfloat16 where the GPU has it natively (float32's range, so no

@@ -149,9 +149,14 @@ class DecodeLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
+                released = False
                 while not (self.waiting or self.running or self._closed):
-                    if not self._wake.wait(RELEASE_AFTER_IDLE_S):
-                        self.step.release()  # idle: nothing else touches the buffers
+                    # Idle: give the buffers back once (nothing else touches them), then
+                    # sleep until woken rather than every RELEASE_AFTER_IDLE_S.
+                    timeout = None if released else RELEASE_AFTER_IDLE_S
+                    if not self._wake.wait(timeout):
+                        self.step.release()
+                        released = True
                 if self._closed:
                     break
             try:
