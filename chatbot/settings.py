@@ -80,7 +80,7 @@ BATCHING_CHOICES = frozenset({"continuous", "adaptive"})
 """How replies share the model (CHATBOT_BATCHING): the decode loop's per-step batches,
 or BentoML's adaptive batching of whole replies (``service.py``)."""
 
-DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "int8", "float16"})
+DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "int8", "int4", "float16"})
 """Precisions (CHATBOT_DTYPE); ``auto`` picks by device (``chatbot.engine.precision``)."""
 
 

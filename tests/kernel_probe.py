@@ -1,5 +1,6 @@
 """Run by tests/test_kernels.py in a fresh process, under one ``ONEDNN_MAX_CPU_ISA``
-(oneDNN reads it once, at its first kernel): for every kernel this instruction set can
+(oneDNN reads it once, at its first kernel; ATen's own kernels, int4's, are capped by
+``ATEN_CPU_CAPABILITY``): for every kernel this instruction set can
 run, the row counts whose rows come out different from the same rows in a 64-row call,
 and the largest error of int8 against exact integer arithmetic. Prints one JSON object.
 """
@@ -11,7 +12,13 @@ import json
 import torch
 from torch import nn
 
-from chatbot.engine.kernels import BFloat16Linear, Float32Linear, Int8Linear, PackedLinear
+from chatbot.engine.kernels import (
+    BFloat16Linear,
+    Float32Linear,
+    Int4Linear,
+    Int8Linear,
+    PackedLinear,
+)
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.int8 import absmax_scales, weight_range
 
@@ -41,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(1280, 5120)
     batch = torch.randn(64, 1280)
-    kernels: list[type[PackedLinear]] = [Float32Linear, Int8Linear]
+    kernels: list[type[PackedLinear]] = [Float32Linear, Int8Linear, Int4Linear]
     if at_least("avx512_core"):
         kernels.append(BFloat16Linear)
     with torch.inference_mode():
@@ -51,7 +58,8 @@ def main() -> None:
         extreme.weight.copy_(torch.where(torch.rand(64, 256) < 0.5, -1.0, 1.0))
         worst = torch.full((4, 256), 3.0) * torch.where(torch.rand(4, 256) < 0.9, 1.0, -1.0)
         errors = {"random": int8_error(linear, batch), "extreme": int8_error(extreme, worst)}
-    print(json.dumps({"isa": cpu_isa(), "differ": differ, "int8_error": errors}))
+    aten = torch.backends.cpu.get_cpu_capability()
+    print(json.dumps({"isa": cpu_isa(), "aten": aten, "differ": differ, "int8_error": errors}))
 
 
 if __name__ == "__main__":

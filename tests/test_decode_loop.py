@@ -93,7 +93,7 @@ def family_checkpoint(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "int8", "bfloat16", "int4"])
 def test_every_precision_keeps_replies_identical_whatever_joins(family_checkpoint, dtype):
     """The kernels' row independence, end to end: greedy and beam replies joining
     mid-reply equal each reply computed alone, in every precision (the engine fixtures

@@ -21,11 +21,13 @@ from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.kernels import (
     BFloat16Linear,
     Float32Linear,
+    Int4Linear,
     Int8Linear,
     replace_linear_layers,
     skip_redundant_rows,
 )
-from chatbot.engine.kernels.cpu import LEVELS, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.int4 import dequantize_groups, quantize_groups
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
 
@@ -44,12 +46,13 @@ def levels_of_this_cpu() -> list[str]:
 
 
 def run_capped(level: str, *command: str) -> subprocess.CompletedProcess[str]:
-    """``python command...`` in a fresh process whose oneDNN is capped at ``level``."""
-    return subprocess.run(
-        [sys.executable, *command],
-        env={**os.environ, "ONEDNN_MAX_CPU_ISA": level.upper(), "PYTHONPATH": str(HERE.parent)},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    """``python command...`` in a fresh process whose oneDNN is capped at ``level``, and
+    ATen's own vector code (int4's kernel) at AVX2 when ``level`` is an AVX2 one."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": level.upper(), "PYTHONPATH": str(HERE.parent)}
+    if level.startswith("avx2"):
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
 
 
 @pytest.mark.parametrize("level", levels_of_this_cpu())
@@ -62,7 +65,9 @@ def test_every_kernel_keeps_rows_independent_under_every_instruction_set(level: 
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
     assert found["isa"] == level
-    kernels = {"Float32Linear", "Int8Linear"} | ({"BFloat16Linear"} if "512" in level else set())
+    assert (found["aten"] == "AVX2") == level.startswith("avx2")
+    kernels = {"Float32Linear", "Int8Linear", "Int4Linear"}
+    kernels |= {"BFloat16Linear"} if "512" in level else set()
     assert set(found["differ"]) == kernels
     assert all(rows == [] for rows in found["differ"].values()), found["differ"]
     assert max(found["int8_error"].values()) < 1e-6, found["int8_error"]
@@ -87,8 +92,8 @@ def test_cpu_flags_name_the_levels():
     assert level_of(cpu_flags()) is not None or cpu_isa() is None
 
 
-KERNELS = [Float32Linear, Int8Linear, BFloat16Linear]
-TOLERANCE = {Float32Linear: 1e-5, Int8Linear: 0.03, BFloat16Linear: 0.03}
+KERNELS = [Float32Linear, Int8Linear, BFloat16Linear, Int4Linear]
+TOLERANCE = {Float32Linear: 1e-5, Int8Linear: 0.03, BFloat16Linear: 0.03, Int4Linear: 0.15}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -108,6 +113,22 @@ def test_a_kernel_computes_what_nn_linear_computes(kernel, shape, bias):
     assert got.dtype == torch.float32
     scale = float(expected.abs().max())
     torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[kernel] * scale)
+
+
+def test_int4_multiplies_by_its_4_bit_weights_and_gives_4_bit_weights_back():
+    """int4's error is its weights' rounding, no more: the product is the dequantized
+    weights' (to bfloat16's rounding of inputs and outputs), and quantizing weights that
+    are already on a 4-bit grid (a dequantized Q4_1 GGUF's) gives back the same grid."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160)
+    x = torch.randn(5, 96)
+    codes, scales_and_zeros = quantize_groups(linear.weight.detach())
+    weights = dequantize_groups(codes, scales_and_zeros)
+    with torch.inference_mode():
+        expected = x.bfloat16().float() @ weights.T + linear.bias
+        got = Int4Linear(linear)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.01 * float(expected.abs().max()))
+    assert torch.equal(dequantize_groups(*quantize_groups(weights)), weights)
 
 
 def test_a_long_input_goes_in_slices_with_the_same_result():
@@ -152,26 +173,50 @@ def test_packing_leaves_other_dtypes_alone():
     assert type(model[1]) is Float32Linear
 
 
-def test_int8_keeps_the_lm_head_in_float32(tiny_checkpoint: Path):
-    engine = ChatEngine.load(tiny_checkpoint, "int8", dtype="int8")
+@pytest.mark.parametrize(
+    ("dtype", "body", "head"),
+    [("int8", Int8Linear, Float32Linear),
+     ("int4", Int4Linear, BFloat16Linear if at_least("avx512_core_bf16") else Int8Linear)],
+)  # fmt: skip
+def test_a_precision_holds_the_lm_head_as_measured(tiny_checkpoint: Path, dtype, body, head):
+    """int8 and int4 as ``make quality`` chose: int4's head in bfloat16 where the CPU
+    multiplies it natively (perplexity +0.0%; int8: +0.9%)."""
+    engine = ChatEngine.load(tiny_checkpoint, dtype, dtype=dtype)
     kinds = {name: type(m) for name, m in engine.model.named_modules()}
-    assert kinds["lm_head"] is Float32Linear
-    assert {kind for name, kind in kinds.items() if name.endswith("_proj")} == {Int8Linear}
+    assert kinds["lm_head"] is head
+    assert {kind for name, kind in kinds.items() if name.endswith("_proj")} == {body}
     assert not any(kind is nn.Linear for kind in kinds.values())
-    assert (engine.info().dtype, engine.info().cpu_isa) == ("int8", cpu_isa())
+    assert (engine.info().dtype, engine.info().cpu_isa) == (dtype, cpu_isa())
+
+
+def test_packing_governs_only_the_layers_left_in_float32(tiny_checkpoint: Path):
     unpacked = ChatEngine.load(tiny_checkpoint, "int8", dtype="int8", pack_weights=False)
-    assert type(unpacked.model.lm_head) is nn.Linear  # pack_weights governs float32 layers
+    assert type(unpacked.model.lm_head) is nn.Linear
+    assert type(unpacked.model.model.encoder.layers[0].fc1) is Int8Linear
 
 
-@pytest.mark.parametrize(("level", "auto"), [("avx2", "float32"), ("avx512_core_vnni", "float32"),
-                                             ("avx512_core_bf16", "bfloat16")])  # fmt: skip
-def test_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(level: str, auto: str):
+def test_int4_takes_only_layers_of_whole_blocks():
+    """Groups of 32 inputs, blocks of 16 outputs; precision.apply gives other layers
+    the head's kernel."""
+    model = nn.Sequential(nn.Linear(64, 16), nn.Linear(40, 16), nn.Linear(64, 8))
+    assert replace_linear_layers(model, Int4Linear) == 1
+    assert [type(m) for m in model] == [Int4Linear, nn.Linear, nn.Linear]
+
+
+@pytest.mark.parametrize(
+    ("level", "auto", "int4_head"),
+    [("avx2", "float32", "Int8Linear"), ("avx512_core_vnni", "float32", "Int8Linear"),
+     ("avx512_core_bf16", "bfloat16", "BFloat16Linear")],
+)  # fmt: skip
+def test_auto_and_int4s_head_are_bfloat16_only_where_the_cpu_has_it_natively(
+    level: str, auto: str, int4_head: str
+):
     if level not in levels_of_this_cpu():
         pytest.skip(f"this CPU cannot run {level}")
-    code = "import torch; from chatbot.engine import precision; "
-    code += "print(precision.resolve('auto', torch.device('cpu')).name)"
+    code = "import torch; from chatbot.engine.precision import resolve; cpu = torch.device('cpu'); "
+    code += "print(resolve('auto', cpu).name, resolve('int4', cpu).head.__name__)"
     resolved = run_capped(level, "-c", code)
-    assert resolved.stdout.strip() == auto, resolved.stderr
+    assert resolved.stdout.split() == [auto, int4_head], resolved.stderr
 
 
 @pytest.mark.skipif("avx2" not in levels_of_this_cpu(), reason="needs an AVX2 CPU")

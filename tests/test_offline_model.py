@@ -40,11 +40,13 @@ def test_it_says_in_the_log_which_model_it_serves_and_why(make_run):
 
 
 def test_it_is_served_as_a_decoder_only_chat_model_that_says_what_it_is(make_run):
+    """In the GGUF's own 4 bits (``CHATBOT_DTYPE=auto`` on a Q4_1 file)."""
     info = httpx.post(f"{make_run.url}/info", json={}, timeout=30).json()
-    assert (info["family"], info["model"], info["note"]) == (
+    assert (info["family"], info["model"], info["note"], info["dtype"]) == (
         "decoder-only",
         "SmolLM2-135M-Instruct",
         NOTE,
+        "int4",
     )
 
 

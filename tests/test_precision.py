@@ -1,5 +1,5 @@
-"""Precision (CHATBOT_DTYPE): auto (bfloat16 on CPUs with native bf16, else float32),
-int8, bf16 or fp16 on request.
+"""Precision (CHATBOT_DTYPE): auto (int4 for a 4-bit GGUF, else bfloat16 on CPUs with
+native bf16, else float32), int8, int4, bf16 or fp16 on request.
 
 The GPU branch of ``auto`` needs a GPU; everything else runs here, the served
 int8 and bfloat16 models included (bfloat16 where the CPU has AVX-512).
@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, ModelStore, Served
 from torch import nn
+from transformers import PretrainedConfig
 
 from chatbot.engine import precision
 from chatbot.engine.chat_engine import ChatEngine
@@ -37,9 +38,20 @@ def test_auto_is_bfloat16_where_the_cpu_has_it_natively_else_float32():
     assert precision.resolve("float16", cpu).load_dtype == torch.float16
 
 
-def test_int8_is_refused_on_a_gpu():
-    with pytest.raises(precision.UnsupportedPrecision, match="int8 is a CPU precision"):
-        precision.resolve("int8", torch.device("cuda"))
+def test_auto_serves_a_4_bit_gguf_in_4_bits():
+    cpu = torch.device("cpu")
+    assert precision.resolve("auto", cpu, four_bit_source=True).name == "int4"
+    assert precision.resolve("float32", cpu, four_bit_source=True).name == "float32"
+    formats = {"Q4_1": True, "Q4_K": True, "IQ4_XS": True, "Q8_0": False, "": False}
+    for stored, four_bits in formats.items():
+        config = PretrainedConfig(source_weights=stored) if stored else PretrainedConfig()
+        assert precision.stored_in_four_bits(config) is four_bits
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_integer_precisions_are_refused_on_a_gpu(dtype: str):
+    with pytest.raises(precision.UnsupportedPrecision, match=f"{dtype} is a CPU precision"):
+        precision.resolve(dtype, torch.device("cuda"))
 
 
 def test_a_misspelt_dtype_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch):
@@ -105,6 +117,5 @@ def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert started.returncode != 0
-    assert "CHATBOT_DTYPE must be one of auto, bfloat16, float16, float32, int8, not 'half'" in (
-        started.stdout + started.stderr
-    )
+    choices = "auto, bfloat16, float16, float32, int4, int8"
+    assert f"CHATBOT_DTYPE must be one of {choices}, not 'half'" in started.stdout + started.stderr

@@ -145,9 +145,10 @@ class ChatEngine:
         pre-packed path (``chatbot.engine.kernels``); it does nothing on a GPU.
         """
         tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
-        family = detect_family(AutoConfig.from_pretrained(path), tokenizer)
+        config = AutoConfig.from_pretrained(path)
+        family = detect_family(config, tokenizer)
         device = pick_device()
-        chosen = precision.resolve(dtype, device)
+        chosen = precision.resolve(dtype, device, precision.stored_in_four_bits(config))
         model = family.model_class.from_pretrained(path, dtype=chosen.load_dtype)
         model = model.to(device).eval()
         precision.apply(model, chosen, pack_weights)

@@ -12,8 +12,10 @@ mask (none at all when every row has the same length).
   transformers' Blenderbot decoder takes one position for the whole batch.
 * ``DecoderOnlyStep`` (Llama, SmolLM2, Qwen...): admitting a reply runs its prompt
   through the model as ``generate`` would and copies the keys/values into its rows;
-  each step is the model's own forward with per-row ``position_ids``, a 4-D mask and
-  a cache that writes into the rows. Any transformers causal LM works unchanged.
+  each step is the model's own forward with per-row ``position_ids``, a cache that
+  writes into the rows, and an attention function registered with transformers
+  (``PER_REPLY``) that attends reply by reply too. Any transformers causal LM whose
+  attention goes through transformers' attention interface works unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatbot.engine.slots import RowSlots
 
@@ -89,12 +93,37 @@ def _runs(lengths: list[int], replies: Sequence[int]) -> list[_Run]:
     return runs
 
 
-def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor | None:
-    """(n, 1, 1, width) True where position < lengths[row]; None when every row is full."""
-    if bool((lengths == width).all()):
-        return None
-    positions = torch.arange(width, device=lengths.device)
-    return (positions[None, :] < lengths[:, None])[:, None, None, :]
+PER_REPLY = "chatbot_per_reply"
+"""The attention implementation a decoder-only model runs under the decode loop."""
+
+
+def attend_per_reply(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    runs: Sequence[_Run] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, called once per reply over the reply's own
+    length when the decode loop passes ``runs`` (the call ``generate`` makes for that
+    reply alone, unmasked), as Blenderbot's step does; transformers' own otherwise
+    (prompts, ``generate``)."""
+    if runs is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [
+        sdpa_attention_forward(
+            module, query[run.rows], key[run.rows, :, : run.length],
+            value[run.rows, :, : run.length], None, **kwargs,
+        )[0]
+        for run in runs
+    ]  # fmt: skip
+    return torch.cat(outputs), None
+
+
+AttentionInterface.register(PER_REPLY, attend_per_reply)
+AttentionMaskInterface.register(PER_REPLY, sdpa_mask)
 
 
 class EncoderDecoderStep(ModelStep):
@@ -216,6 +245,7 @@ class _RowsCache(Cache):
 class DecoderOnlyStep(ModelStep):
     def __init__(self, model: PreTrainedModel, positions: int) -> None:
         super().__init__(model)
+        model.set_attn_implementation(PER_REPLY)  # SDPA's, until a step passes runs
         config = model.config.get_text_config()
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -243,14 +273,15 @@ class DecoderOnlyStep(ModelStep):
     ) -> torch.Tensor:
         width = int(positions.max()) + 1
         self.slots.reserve(tokens.shape[0], width)
-        mask = _prefix_mask(positions + 1, width)
-        if mask is None:  # transformers would build its own mask otherwise
-            mask = torch.ones((tokens.shape[0], 1, 1, width), dtype=torch.bool, device=self.device)
+        # Each reply attends over its own length (``runs``): the mask is never read,
+        # and a 4-D one spares transformers building its own.
+        unread_mask = torch.ones((tokens.shape[0], 1, 1, width), dtype=torch.bool)
         outputs = self.model(
             input_ids=tokens[:, None],
             position_ids=positions[:, None],
-            attention_mask=mask,
+            attention_mask=unread_mask.to(self.device),
             past_key_values=_RowsCache(self.slots, positions, width),
             use_cache=True,
+            runs=_runs((positions + 1).tolist(), replies),
         )
         return outputs.logits[:, -1]

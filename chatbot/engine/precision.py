@@ -10,14 +10,15 @@ cache stay float32. On a GPU the whole model is cast.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from chatbot.engine.kernels import (
     BFloat16Linear,
     Float32Linear,
+    Int4Linear,
     Int8Linear,
     PackedLinear,
     replace_linear_layers,
@@ -26,11 +27,12 @@ from chatbot.engine.kernels.cpu import at_least, cpu_isa
 
 logger = logging.getLogger(__name__)
 
-KEEP_FLOAT32 = frozenset({"lm_head"})
-"""Layers a lower precision leaves in float32. The LM head decides which token comes
-next: rounding its logits changes greedy replies soonest (issue 22 saw an int4 head
-change a SmolLM2 reply after a dozen tokens), while it is one layer of many (4% of a
-Blenderbot-400M decode step's multiplies)."""
+LM_HEAD = frozenset({"lm_head"})
+"""The layer a precision's body kernel leaves to its head kernel. The LM head decides
+which token comes next: rounding its logits changes greedy replies soonest (issue 22
+saw an int4 head change a SmolLM2 reply after a dozen tokens), while it is one layer of
+many (4% of a Blenderbot-400M decode step's multiplies; but 50% of SmolLM2's, whose
+49,152-word head is as large as its 30 layers together)."""
 
 
 class UnsupportedPrecision(ValueError):
@@ -47,6 +49,9 @@ class Precision:
     """What the checkpoint is loaded (or on a GPU cast) as."""
     kernel: type[PackedLinear] | None = None
     """The CPU linear-layer kernel; None: float32 layers, packed when asked to be."""
+    head: type[PackedLinear] | None = None
+    """The LM head's kernel (and that of any layer ``kernel`` cannot take); None:
+    float32, packed when asked to be."""
 
 
 FLOAT32 = Precision("float32", torch.float32)
@@ -54,11 +59,18 @@ CPU_PRECISIONS = {
     "float32": FLOAT32,
     "bfloat16": Precision("bfloat16", torch.float32, BFloat16Linear),
     "int8": Precision("int8", torch.float32, Int8Linear),
+    "int4": Precision("int4", torch.float32, Int4Linear, head=BFloat16Linear),
     "float16": Precision("float16", torch.float16),  # stock layers: no fast CPU kernel
 }
 
 
-def resolve(name: str, device: torch.device) -> Precision:
+def stored_in_four_bits(config: PretrainedConfig) -> bool:
+    """Whether the checkpoint came from a 4-bit GGUF file (llama.cpp's Q4 and IQ4
+    formats; ``chatbot.models.checkpoint`` records the format as ``source_weights``)."""
+    return str(getattr(config, "source_weights", "")).startswith(("Q4", "IQ4"))
+
+
+def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> Precision:
     """The precision ``name`` (a ``CHATBOT_DTYPE`` value) means on ``device``.
 
     ``auto`` is the fastest precision whose quality loss was measured small
@@ -73,17 +85,25 @@ def resolve(name: str, device: torch.device) -> Precision:
     if device.type == "cuda":
         return _on_gpu(name)
     if name == "auto":
-        name = "bfloat16" if at_least("avx512_core_bf16") else "float32"
+        name = _auto_on_cpu(four_bit_source)
     precision = CPU_PRECISIONS[name]
     if precision.kernel is BFloat16Linear:
         _check_bfloat16()
+    if precision.head is BFloat16Linear and not at_least("avx512_core_bf16"):
+        precision = replace(precision, head=Int8Linear)  # emulated bfloat16 is slow
     return precision
 
 
+def _auto_on_cpu(four_bit_source: bool) -> str:
+    if four_bit_source:
+        return "int4"
+    return "bfloat16" if at_least("avx512_core_bf16") else "float32"
+
+
 def _on_gpu(name: str) -> Precision:
-    if name == "int8":
+    if name in ("int8", "int4"):
         raise UnsupportedPrecision(
-            "CHATBOT_DTYPE=int8 is a CPU precision; on a GPU use bfloat16, float16 or auto"
+            f"CHATBOT_DTYPE={name} is a CPU precision; on a GPU use bfloat16, float16 or auto"
         )
     if name == "auto":
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -109,14 +129,17 @@ def _check_bfloat16() -> None:
 
 
 def apply(model: PreTrainedModel, precision: Precision, pack_weights: bool) -> int:
-    """Give a CPU model's linear layers the precision's kernel (all but
-    ``KEEP_FLOAT32``), and the layers left in float32 oneDNN's packed float32 kernel
-    when ``pack_weights``. Returns how many layers were replaced (0 on a GPU)."""
+    """Give a CPU model's linear layers the precision's kernel (all but the
+    ``LM_HEAD``), the rest its head kernel, and the layers left in float32 oneDNN's
+    packed float32 kernel when ``pack_weights``. Returns how many layers were replaced
+    (0 on a GPU)."""
     if not torch.backends.mkldnn.is_available() or model.device.type != "cpu":
         return 0
     replaced = 0
     if precision.kernel is not None:
-        replaced = replace_linear_layers(model, precision.kernel, keep=KEEP_FLOAT32)
+        replaced += replace_linear_layers(model, precision.kernel, keep=LM_HEAD)
+    if precision.head is not None:
+        replaced += replace_linear_layers(model, precision.head)
     if pack_weights:
         replaced += replace_linear_layers(model, Float32Linear)
     return replaced

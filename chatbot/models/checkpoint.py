@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,6 +34,11 @@ def is_gguf(source: str) -> bool:
     return source.endswith(".gguf") and Path(source).is_file()
 
 
+SAVED_FORMAT = 2
+"""Bumped when what ``save_checkpoint`` writes changes (2: a GGUF's ``source_weights``),
+so that sources imported before are imported again."""
+
+
 def fingerprint(source: str, salt: str = "") -> str:
     """Short id of a source's content, so a changed local directory is re-imported.
 
@@ -40,7 +46,7 @@ def fingerprint(source: str, salt: str = "") -> str:
     names, sizes and modification times of their files (cheap even for 1.5 GB).
     ``salt`` names anything else the import changes (the offline model's decoding).
     """
-    digest = hashlib.sha256((source + salt).encode())
+    digest = hashlib.sha256(f"{source}{salt}{SAVED_FORMAT}".encode())
     if is_local(source):
         files = [Path(source)] if is_gguf(source) else Path(source).rglob("*")
         for file in sorted(p for p in files if p.is_file()):
@@ -116,10 +122,21 @@ def _load_and_save(
     model = family.model_class.from_pretrained(**location, config=config)
     if is_gguf(source):
         model = _plain_copy(model)
+        model.config.source_weights = gguf_weight_format(Path(source))
     model.generation_config.update(**decoding)
     os.makedirs(destination, exist_ok=True)
     tokenizer.save_pretrained(destination)
     model.save_pretrained(destination)
+
+
+def gguf_weight_format(path: Path) -> str:
+    """The format most of a GGUF file's weight matrices are stored in (``Q4_1`` for the
+    offline model). Kept in the saved config as ``source_weights``: the weights are
+    dequantized here, and ``CHATBOT_DTYPE=auto`` serves a 4-bit file in 4 bits again."""
+    from gguf import GGUFReader  # only needed on the way in, as transformers' GGUF loader
+
+    formats = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2)
+    return formats.most_common(1)[0][0]
 
 
 def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -10,16 +10,19 @@ Model code never asks which one runs. ``chatbot.engine.precision`` picks one per
 | ``Float32Linear`` | float32, oneDNN-packed | float32 |
 | ``BFloat16Linear`` | bfloat16, oneDNN-packed | rounded to bfloat16 |
 | ``Int8Linear`` | int8, a scale per output channel | int8, a scale per row |
+| ``Int4Linear`` | 4 bits, a minimum and step per 32 inputs | rounded to bfloat16 |
 """
 
 from chatbot.engine.kernels.bfloat16 import BFloat16Linear
 from chatbot.engine.kernels.float32 import Float32Linear
+from chatbot.engine.kernels.int4 import Int4Linear
 from chatbot.engine.kernels.int8 import Int8Linear
 from chatbot.engine.kernels.rows import PackedLinear, replace_linear_layers, skip_redundant_rows
 
 __all__ = [
     "BFloat16Linear",
     "Float32Linear",
+    "Int4Linear",
     "Int8Linear",
     "PackedLinear",
     "replace_linear_layers",

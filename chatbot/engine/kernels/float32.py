@@ -18,6 +18,9 @@ from chatbot.engine.kernels.rows import BATCH_HINT, PackedLinear
 
 class Float32Linear(PackedLinear):
     kernel = "onednn float32"
+    smallest_call = 2
+    """oneDNN's float32 kernel for one row sums in another order on AVX-512 than its
+    kernel for 2 to 256 (seen: up to 2.6e-6 apart), so one row is multiplied as two."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)

@@ -12,7 +12,7 @@ are few, all built at load (``warm_up``), and a row's result never depends on ho
 rows share the call as long as each bucket's kernel treats rows independently
 (``tests/test_kernels.py`` checks this under every instruction set the CPU has).
 oneDNN's float32 kernel for a single row sums in another order on AVX-512 than its
-kernel for two or more, so the smallest bucket is 2.
+kernel for two or more, so its smallest bucket is 2 (``smallest_call``).
 
 **Skipping rows** (``skip_redundant_rows``) goes one step further for the prompt. A
 batch is padded to its longest conversation, and the encoder plus the decoder's
@@ -28,7 +28,7 @@ of those projections repeat the first: they are computed once per conversation.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -81,26 +81,20 @@ def skip_redundant_rows(attention_mask: torch.Tensor, copies: int = 1) -> Iterat
         _batch_rows.reset(token)
 
 
-SMALLEST_CALL = 2
-"""oneDNN's float32 kernel for one row sums in another order on AVX-512 than its
-kernel for 2 to 256 (seen: up to 2.6e-6 apart), so one row is multiplied as two."""
-
-
-def row_bucket(count: int) -> int:
+def row_bucket(count: int, smallest: int = 1) -> int:
     """``count`` rounded up to 4 steps per doubling past 8 (at most 25% more rows),
-    and to ``SMALLEST_CALL``. Rows stay independent, so padding never changes a real
+    and to ``smallest``. Rows stay independent, so padding never changes a real
     row's result."""
     if count <= 8:
-        return max(count, SMALLEST_CALL)
+        return max(count, smallest)
     step = 1 << (count.bit_length() - 3)  # a quarter of the power of two below count
     return -(-count // step) * step
 
 
 # A product never hands a kernel more than this many rows (a long prompt goes in
-# slices), so the row counts it sees are the buckets up to here: 27 of them, built
-# once at load (``warm_up``) rather than one by one over hours of traffic.
+# slices), so the row counts it sees are the buckets up to here: 28 of them at most,
+# built once at load (``warm_up``) rather than one by one over hours of traffic.
 MAX_ROWS_PER_CALL = 256
-ROW_COUNTS = sorted({row_bucket(count) for count in range(1, MAX_ROWS_PER_CALL + 1)})
 
 
 class PackedLinear(nn.Module, ABC):
@@ -109,6 +103,18 @@ class PackedLinear(nn.Module, ABC):
 
     kernel = ""
     """The kernel's name, shown by ``repr``."""
+    smallest_call = 1
+    """The fewest rows handed to the kernel at once (a single row is padded up to it)."""
+
+    @classmethod
+    def row_counts(cls) -> list[int]:
+        """Every row count ``_bucketed`` hands the kernel."""
+        return sorted({row_bucket(n, cls.smallest_call) for n in range(1, MAX_ROWS_PER_CALL + 1)})
+
+    @classmethod
+    def takes(cls, linear: nn.Linear) -> bool:
+        """Whether this kernel can hold ``linear`` (some need whole blocks of inputs)."""
+        return True
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -145,7 +151,7 @@ class PackedLinear(nn.Module, ABC):
 
     def _bucketed(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.shape[0]
-        padded = row_bucket(count)
+        padded = row_bucket(count, self.smallest_call)
         if padded > count:
             rows = torch.cat([rows, rows.new_zeros(padded - count, rows.shape[1])])
         out = self._multiply(rows.contiguous())
@@ -156,28 +162,30 @@ class PackedLinear(nn.Module, ABC):
 
 
 def replace_linear_layers(
-    model: nn.Module, make: Callable[[nn.Linear], PackedLinear], keep: frozenset[str] = frozenset()
+    model: nn.Module, kernel: type[PackedLinear], keep: frozenset[str] = frozenset()
 ) -> int:
-    """Swap every float32 CPU ``nn.Linear`` of ``model`` not named in ``keep`` for
-    ``make(layer)``, and build the kernels they will use. Returns how many were swapped."""
+    """Swap every float32 CPU ``nn.Linear`` of ``model`` that ``kernel`` takes and
+    ``keep`` does not name for ``kernel(layer)``, and build the kernels they will use.
+    Returns how many were swapped."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
         if type(module) is nn.Linear
         and name not in keep
+        and kernel.takes(module)
         and module.weight.device.type == "cpu"
         and module.weight.dtype == torch.float32
     ]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, make(module))
+        setattr(model.get_submodule(parent_name), child, kernel(module))
     warm_up(model)
     return len(targets)
 
 
 def warm_up(model: nn.Module) -> None:
     """Build every kernel the packed layers will ask for, now: one per layer type,
-    shape and row count in ``ROW_COUNTS``. Built lazily instead, they arrive as new
+    shape and row count in its ``row_counts()``. Built lazily instead, they arrive as new
     prompt and batch sizes do, and the process grows for thousands of requests
     (measured: +28 MiB over 4,500 varied requests on the tiny model)."""
     shapes = {
@@ -187,5 +195,5 @@ def warm_up(model: nn.Module) -> None:
     }
     with torch.inference_mode():
         for layer in shapes.values():
-            for count in ROW_COUNTS:
+            for count in layer.row_counts():
                 layer._bucketed(torch.zeros(count, layer.in_features))

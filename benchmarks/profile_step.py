@@ -1,0 +1,94 @@
+"""Where one decode step's time goes: a torch profile of the decode loop at one client.
+
+At one conversation a step multiplies one row by every weight matrix, so its time is
+weight bytes read plus a fixed cost per operation (30 layers of SmolLM2, each a dozen
+eager torch calls). This runs one greedy reply through the decode loop the service runs
+(``ContinuousBatcher``), with torch's profiler on, and prints the time per generated
+token and the operations that took most of it, grouped into weights (linear layers),
+attention, and everything else.
+
+    python benchmarks/profile_step.py [--model SOURCE] [--dtype int4] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from torch._C._profiler import _ExperimentalConfig
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench import conversations  # noqa: E402
+from benchmarks.quality import checkpoint_of  # noqa: E402
+from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
+from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
+from chatbot.models.offline_model import offline_model_path  # noqa: E402
+from chatbot.schemas import ChatRequest  # noqa: E402
+
+GROUPS = {
+    "weights": ("linear", "mm", "addmm", "onednn", "mkldnn", "int4pack", "quantize"),
+    "attention": ("attention", "softmax", "bmm"),
+}
+
+
+def group_of(op: str) -> str:
+    name = op.lower()
+    return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), "other")
+
+
+def reply(engine: ChatEngine, request: ChatRequest) -> int:
+    """Tokens written for ``request`` alone in the decode loop."""
+
+    async def one() -> int:
+        batcher = ContinuousBatcher(engine, 1, 1)
+        try:
+            return (await batcher.reply(request)).completion_tokens
+        finally:
+            batcher.close()
+
+    return asyncio.run(one())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(offline_model_path() or ""))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    engine = ChatEngine.load(checkpoint_of(args.model), "profiled", dtype=args.dtype)
+    request = ChatRequest(
+        messages=conversations(1)[0], max_new_tokens=args.tokens, num_beams=1, do_sample=False
+    )
+    reply(engine, request)  # warm: first-call allocations are nobody's step
+    start = time.perf_counter()
+    tokens = reply(engine, request)
+    plain = (time.perf_counter() - start) / tokens
+    every_thread = _ExperimentalConfig(profile_all_threads=True)  # the loop has its own
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=every_thread) as profiled:
+        reply(engine, request)
+    ops = [e for e in profiled.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in ops)
+    by_group: dict[str, float] = {}
+    for e in ops:
+        by_group[group_of(e.key)] = by_group.get(group_of(e.key), 0) + e.self_cpu_time_total
+    calls = sum(e.count for e in ops) / tokens
+    print(f"{args.dtype}: {plain * 1e3:.2f} ms a token unprofiled ({1 / plain:.1f} tokens/s), "
+          f"{calls:.0f} profiled operations a token")  # fmt: skip
+    for group, spent in sorted(by_group.items(), key=lambda item: -item[1]):
+        print(f"  {group}: {spent / total:.0%} ({spent / tokens / 1e3:.2f} ms a token)")
+    print("| operation | calls a token | ms a token | share |\n| --- | --- | --- | --- |")
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+        print(f"| {e.key} | {e.count / tokens:.0f} | "
+              f"{e.self_cpu_time_total / tokens / 1e3:.3f} | "
+              f"{e.self_cpu_time_total / total:.1%} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
