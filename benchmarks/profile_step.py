@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from torch._C._profiler import _ExperimentalConfig
@@ -28,6 +29,7 @@ from benchmarks.bench import conversations  # noqa: E402
 from benchmarks.quality import checkpoint_of  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
+from chatbot.engine.own_thread import in_own_thread  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 
@@ -62,7 +64,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    engine = ChatEngine.load(checkpoint_of(args.model), "profiled", dtype=args.dtype)
+    # Loaded as the service loads it, in a thread that ends: a thread that keeps an
+    # OpenMP team of its own would slow the decode loop's (chatbot.engine.own_thread).
+    load = partial(ChatEngine.load, checkpoint_of(args.model), "profiled", dtype=args.dtype)
+    engine = asyncio.run(in_own_thread(load))
     request = ChatRequest(
         messages=conversations(1)[0], max_new_tokens=args.tokens, num_beams=1, do_sample=False
     )

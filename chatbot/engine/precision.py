@@ -75,10 +75,14 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
 
     ``auto`` is the fastest precision whose quality loss was measured small
     (``benchmarks/quality.py``, SmolLM2-135M-Instruct's real weights, README's
-    Precision table): bfloat16 on CPUs that multiply it natively (AVX512_BF16, AMX),
-    perplexity +0.1%, 1.4-1.6x float32's served speed; float32 on other CPUs, where bfloat16
-    is emulated. int8 is faster still but measured +3.3% perplexity, with greedy
-    replies leaving float32's after 8 tokens on average: it is there to be asked for.
+    Precision table). A checkpoint from a 4-bit GGUF (``four_bit_source``) is served in
+    int4: its body's weights are the file's own 4-bit ones again, so quality is the
+    file's (perplexity +0.0% against the dequantized float32 with a bfloat16 LM head),
+    at a fraction of the bytes a step reads. Otherwise bfloat16 on CPUs that multiply it
+    natively (AVX512_BF16, AMX): perplexity +0.1%, 1.4-1.6x float32's served speed;
+    float32 on other CPUs, where bfloat16 is emulated. int8 is faster than bfloat16 but
+    measured +3.3% perplexity, with greedy replies leaving float32's after 8 tokens on
+    average: it is there to be asked for, as int4 is for a float checkpoint.
     On a GPU ``auto`` is bfloat16 where the GPU has it natively (float32's range, so no
     overflow; half the memory traffic per decode step), float16 on older GPUs.
     """

@@ -63,7 +63,7 @@ class Int4Linear(PackedLinear):
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
 
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        out = torch._weight_int4pack_mm_for_cpu(  # the C++ binding: no dispatch in Python
             rows.to(torch.bfloat16), self.packed, GROUP, self.scales_and_zeros
         ).float()
         return out if self.bias is None else out.add_(self.bias)

@@ -145,8 +145,10 @@ class PackedLinear(nn.Module, ABC):
         ``MAX_ROWS_PER_CALL`` rows, each rounded up to a bucket (``row_bucket``), so
         that its kernel cache stays bounded whatever the batch and prompt lengths."""
         rows = x.reshape(-1, x.shape[-1])
-        parts = [self._bucketed(part) for part in rows.split(MAX_ROWS_PER_CALL)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if rows.shape[0] <= MAX_ROWS_PER_CALL:  # every decode step: no list, no split
+            out = self._bucketed(rows)
+        else:
+            out = torch.cat([self._bucketed(part) for part in rows.split(MAX_ROWS_PER_CALL)])
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _bucketed(self, rows: torch.Tensor) -> torch.Tensor:
