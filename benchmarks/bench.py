@@ -49,8 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chatbot.engine import precision  # noqa: E402
-from chatbot.engine.chat_engine import ChatEngine, DecodingPlan, pick_device  # noqa: E402
+from chatbot.engine.chat_engine import ChatEngine, pick_device  # noqa: E402
 from chatbot.engine.kernels.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
+from chatbot.engine.plan import DecodingPlan  # noqa: E402
 from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.settings import DTYPE_CHOICES  # noqa: E402

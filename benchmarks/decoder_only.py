@@ -73,7 +73,7 @@ def through_transformers(engine: ChatEngine, prompts: list[list[int]], new_token
         inputs=prompts, generation_config=config, progress_bar=False, warmup=False
     )
     by_prompt = sorted(outputs.values(), key=lambda out: int(out.request_id.split("_")[-1]))
-    return [engine.text_of(out.generated_tokens) for out in by_prompt]
+    return [engine.replies.text_of(out.generated_tokens) for out in by_prompt]
 
 
 def main() -> None:

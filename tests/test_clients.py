@@ -124,7 +124,7 @@ def test_logprobs_are_the_models_own(family):
     expected = [
         lp
         for token, lp in zip(ids, forward_logprobs(engine, prompt, ids), strict=True)
-        if token not in engine._textless_ids
+        if token not in engine.replies.textless_ids
     ]
     content = completion.choices[0].logprobs.content
     assert [t.logprob for t in content] == pytest.approx(expected, abs=1e-4)

@@ -207,7 +207,7 @@ def test_one_bad_request_fails_alone(engine):
             def fail(self, error: BaseException) -> None:
                 failed.get_loop().call_soon_threadsafe(failed.set_result, error)
 
-        reason = engine.finish_reason_of(bad.plan)
+        reason = engine.replies.finish_reason_of(bad.plan)
         batcher.loop.submit(Job(bad_prompt, 1, bad.start_decoding, Sink(), reason))
         replies = asyncio.gather(*(batcher.reply(r) for r in good))
         return [await failed, *await replies]

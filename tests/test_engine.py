@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from chatbot.engine.chat_engine import ChatEngine, DecodingPlan
+from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.plan import DecodingPlan
 from chatbot.schemas import ChatRequest
 
 PROMPTS = [

@@ -144,7 +144,8 @@ def test_logprobs_are_the_models_own(family_engine):
     reply = run(engine, lambda b: b.reply(asked))
     ids = new_ids(engine, asked)
     expected = forward_logprobs(engine, engine.encode(asked).input_ids, ids)
-    shown = [(t, lp) for t, lp in zip(ids, expected, strict=True) if t not in engine._textless_ids]
+    textless = engine.replies.textless_ids
+    shown = [(t, lp) for t, lp in zip(ids, expected, strict=True) if t not in textless]
     assert reply.logprobs is not None
     assert len(reply.logprobs) == len(shown)
     for token, (_token_id, logprob) in zip(reply.logprobs, shown, strict=True):

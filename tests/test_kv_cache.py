@@ -8,10 +8,11 @@ from torch import nn
 from transformers import BlenderbotConfig
 from transformers.cache_utils import DynamicLayer
 
-from chatbot.engine.chat_engine import ChatEngine, DecodingPlan
+from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.families import EncoderDecoder, Family
 from chatbot.engine.kernels import Float32Linear, skip_redundant_rows
 from chatbot.engine.kv_cache import ReplyCache, ReplyLayer
+from chatbot.engine.plan import DecodingPlan
 from chatbot.schemas import ChatRequest
 
 TEXTS = [

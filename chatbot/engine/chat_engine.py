@@ -1,9 +1,12 @@
-"""Batched chat generation: many conversations, one padded ``generate`` call.
+"""A loaded chat model: what it accepts, and its replies by ``generate``.
 
-The engine is what the BentoML batch API calls with everything the adaptive batcher
-collected. Requests whose decoding options differ cannot share a ``generate`` call,
-so the batch is split into groups of identical options first. How a conversation
-becomes model input depends on the model's family (``chatbot.engine.families``).
+The engine loads a checkpoint of either family (``chatbot.engine.families``) in the
+precision asked for, checks requests against what the model can do, resolves their
+options into a plan (``chatbot.engine.plan``) and readies them for the decode loop
+(``prepare``). Adaptive batching calls ``generate`` with everything its batcher
+collected: requests whose plans differ cannot share a ``generate`` call, so the batch
+is split into groups of equal plans first. Either way, new token ids become the API's
+reply in one place (``chatbot.engine.replies``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
-from pydantic_core import InitErrorDetails, PydanticCustomError
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -29,26 +30,18 @@ from transformers import (
 )
 
 from chatbot.engine import precision, stop_texts
-from chatbot.engine.decoding import Decoding, ExtraRules, TokenChoice, start_decoding
+from chatbot.engine.decoding import Decoding, ExtraRules, start_decoding
 from chatbot.engine.families import detect_family
 from chatbot.engine.kernels import skip_redundant_rows
 from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.model_step import ModelStep
 from chatbot.engine.penalties import FrequencyPresencePenalty
+from chatbot.engine.plan import DecodingPlan, model_defaults, options_error, resolve_plan
+from chatbot.engine.replies import ReplyWriter
 from chatbot.engine.streaming import ReplyStream
-from chatbot.engine.token_bytes import token_bytes
 from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.prompts.chat_template import TemplateRefused
-from chatbot.schemas import (
-    ChatReply,
-    ChatRequest,
-    FinishReason,
-    GenerationOptions,
-    ModelInfo,
-    TextRequest,
-    TokenLogprob,
-    TopLogprob,
-)
+from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo, TextRequest
 
 Request = ChatRequest | TextRequest
 """A conversation to answer, or raw text to continue (``/v1/completions``)."""
@@ -66,37 +59,6 @@ class PreparedReply:
     plan: DecodingPlan
     prompt: EncodedConversation
     start_decoding: Callable[[], Decoding]
-
-
-@dataclass(frozen=True)
-class DecodingPlan:
-    """Fully resolved decoding options; equal plans can share one ``generate`` call."""
-
-    max_new_tokens: int
-    min_new_tokens: int
-    num_beams: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    stops: tuple[str, ...] = ()
-    seed: int | None = None
-    top_logprobs: int | None = None
-    """None: no log-probabilities; else how many alternatives each token lists."""
-
-
-def options_error(field: str, value: object, message: str) -> ValidationError:
-    """A validation error shaped like pydantic's own, so the API answers it as 400."""
-    detail = InitErrorDetails(
-        type=PydanticCustomError("model_limit", message),
-        loc=(field,),
-        input=value,
-    )
-    return ValidationError.from_exception_data("GenerationOptions", [detail])
 
 
 def pick_device() -> torch.device:
@@ -125,8 +87,10 @@ class ChatEngine:
         self.note = note
         self.window, self.max_new_tokens_limit = self.family.limits(model.config, tokenizer)
         self.eos_ids = self._eos_ids(model.generation_config, tokenizer)
-        self._textless_ids = self.eos_ids | frozenset(tokenizer.all_special_ids)
-        self.defaults = self._model_defaults(model.generation_config)
+        config = model.generation_config
+        self.defaults = model_defaults(config, self.family, self.max_new_tokens_limit)
+        forces_eos = config.forced_eos_token_id is not None
+        self.replies = ReplyWriter(tokenizer, model_name, self.eos_ids, forces_eos)
 
     @classmethod
     def load(
@@ -161,25 +125,6 @@ class ChatEngine:
         ids = configured if isinstance(configured, list) else [configured]
         return frozenset(i for i in [*ids, tokenizer.eos_token_id] if i is not None)
 
-    def _model_defaults(self, config: GenerationConfig) -> DecodingPlan:
-        """The model's own generation_config, in new-token terms.
-
-        What its length fields count depends on the family.
-        """
-        max_new, min_new = self.family.default_lengths(config)
-        max_new = min(max_new, self.max_new_tokens_limit)
-        return DecodingPlan(
-            max_new_tokens=max_new,
-            min_new_tokens=min(min_new, max_new),
-            num_beams=config.num_beams or 1,
-            do_sample=bool(config.do_sample),
-            temperature=config.temperature or 1.0,
-            top_p=config.top_p or 1.0,
-            top_k=config.top_k,
-            min_p=config.min_p,
-            repetition_penalty=config.repetition_penalty,
-        )
-
     def info(self) -> ModelInfo:
         return ModelInfo(
             model=self.model_name,
@@ -209,35 +154,8 @@ class ChatEngine:
         return self.encode(request)  # a chat template may refuse the conversation
 
     def plan(self, options: GenerationOptions) -> DecodingPlan:
-        """Resolve request options against the model's defaults.
-
-        Never exceeds the model's limit: callers that skipped ``check`` (the raw
-        batch API) get the longest reply the model can give.
-        """
-        d = self.defaults
-        max_new = min(options.max_new_tokens or d.max_new_tokens, self.max_new_tokens_limit)
-        do_sample = (
-            options.do_sample
-            if options.do_sample is not None
-            else d.do_sample or options.uses_sampling_knobs
-        )
-        return DecodingPlan(
-            max_new_tokens=max_new,
-            min_new_tokens=min(d.min_new_tokens, max_new),
-            num_beams=options.num_beams or d.num_beams,
-            do_sample=do_sample,
-            # Greedy and beam search ignore these: fix them so such plans group.
-            temperature=(options.temperature or d.temperature) if do_sample else 1.0,
-            top_p=(options.top_p or d.top_p) if do_sample else 1.0,
-            top_k=(options.top_k or d.top_k) if do_sample else d.top_k,
-            min_p=(options.min_p or d.min_p) if do_sample else d.min_p,
-            repetition_penalty=options.repetition_penalty or d.repetition_penalty,
-            frequency_penalty=options.frequency_penalty or 0.0,
-            presence_penalty=options.presence_penalty or 0.0,
-            stops=options.stop_texts,
-            seed=options.seed if do_sample else None,
-            top_logprobs=(options.top_logprobs or 0) if options.logprobs else None,
-        )
+        """``options`` resolved against this model (``chatbot.engine.plan``)."""
+        return resolve_plan(options, self.defaults, self.max_new_tokens_limit)
 
     def encode(self, request: Request) -> EncodedConversation:
         if isinstance(request, TextRequest):
@@ -267,46 +185,8 @@ class ChatEngine:
         for plan, indices in groups.items():
             outputs = self.generate_ids([encoded[i].input_ids for i in indices], plan)
             for i, output in zip(indices, outputs, strict=True):
-                replies[i] = self.chat_reply(encoded[i], output, plan)
+                replies[i] = self.replies.chat_reply(encoded[i], output, plan)
         return [r for r in replies if r is not None]
-
-    def chat_reply(
-        self,
-        prompt: EncodedConversation,
-        output: list[int],
-        plan: DecodingPlan,
-        choices: Sequence[TokenChoice] = (),
-    ) -> ChatReply:
-        """The reply to ``prompt`` whose new token ids are ``output`` (up to its
-        first stop text), with ``choices``' log-probabilities when the plan asks."""
-        text, stopped = stop_texts.cut(self._decode(output), plan.stops)
-        return ChatReply(
-            reply=text if prompt.continues_text else text.strip(),
-            model=self.model_name,
-            prompt_tokens=len(prompt.input_ids),
-            completion_tokens=len(output),
-            truncated=prompt.truncated,
-            finish_reason="stop" if stopped else self._finish_reason(output, plan),
-            logprobs=None if plan.top_logprobs is None else self.token_logprobs(choices),
-        )
-
-    def token_logprobs(self, choices: Sequence[TokenChoice]) -> list[TokenLogprob]:
-        """``choices`` in OpenAI's terms; special tokens (end of turn, start of text),
-        which the reply's text leaves out, are left out here too."""
-        return [
-            TokenLogprob(
-                **self._candidate(choice.token, choice.logprob).model_dump(),
-                top_logprobs=[self._candidate(*pair) for pair in choice.top],
-            )
-            for choice in choices
-            if choice.token not in self._textless_ids
-        ]
-
-    def _candidate(self, token: int, logprob: float) -> TopLogprob:
-        raw = token_bytes(self.tokenizer, token)
-        return TopLogprob(
-            token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw)
-        )
 
     def model_step(self) -> ModelStep:
         """The decode loop's view of this model (``chatbot.engine.scheduler``)."""
@@ -333,16 +213,6 @@ class ChatEngine:
 
         return PreparedReply(plan, prompt, start_reply)
 
-    def finish_reason_of(self, plan: DecodingPlan) -> Callable[[Sequence[int]], FinishReason]:
-        """Why a reply with these new ids ended: its end token or a stop text, or its length."""
-
-        def reason(ids: Sequence[int]) -> FinishReason:
-            if plan.stops and stop_texts.cut(self._decode(list(ids)), plan.stops)[1]:
-                return "stop"
-            return self._finish_reason(ids, plan)
-
-        return reason
-
     def generate_ids(self, batch: Sequence[Sequence[int]], plan: DecodingPlan) -> list[list[int]]:
         """New token ids for each input (end-of-sequence included, padding not).
 
@@ -358,7 +228,7 @@ class ChatEngine:
                 **inputs, **self._generation_kwargs(plan),
                 logits_processor=extra.processors, stopping_criteria=extra.stopping,
             )  # fmt: skip
-        return [self._strip(row) for row in sequences[:, first_new:].tolist()]
+        return [self.replies.strip(row) for row in sequences[:, first_new:].tolist()]
 
     def check_streamable(self, request: Request) -> None:
         """Beam search keeps every candidate open to the end, so it cannot stream:
@@ -387,17 +257,8 @@ class ChatEngine:
                 )  # fmt: skip
 
         return ReplyStream.from_generate(
-            self.tokenizer, generate, encoded, self.finish_reason_of(plan), plan.stops
+            self.tokenizer, generate, encoded, self.replies.finish_reason_of(plan), plan.stops
         )
-
-    def text_of(self, ids: list[int]) -> str:
-        """The reply text of new token ids, as every route gives it (no stop texts)."""
-        return self._decode(ids).strip()
-
-    def _decode(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        assert isinstance(text, str)  # one sequence in, one text out
-        return text
 
     def _extra_rules(self, plan: DecodingPlan, first_new: int) -> ExtraRules:
         """The plan's processors and criteria that are not ``generate`` options;
@@ -459,19 +320,3 @@ class ChatEngine:
             **{name: value for name, value in optional.items() if value is not None},
             **({"length_penalty": 1.0} if plan.num_beams == 1 else {}),
         }
-
-    def _finish_reason(self, output: Sequence[int], plan: DecodingPlan) -> FinishReason:
-        """ "stop" when the model ended the reply, "length" when the limit did.
-
-        Blenderbot forces an end token at the limit (``forced_eos_token_id``), so a
-        reply that is exactly as long as allowed ended because of the limit.
-        """
-        ended = bool(output) and output[-1] in self.eos_ids
-        forced = self.model.generation_config.forced_eos_token_id is not None
-        at_limit = len(output) >= plan.max_new_tokens
-        return "stop" if ended and not (forced and at_limit) else "length"
-
-    def _strip(self, row: list[int]) -> list[int]:
-        """Cut the padding that follows a finished sequence's end token."""
-        end = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
-        return row if end is None else row[: end + 1]

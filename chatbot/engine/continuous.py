@@ -12,8 +12,9 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from chatbot.engine.chat_engine import ChatEngine, PreparedReply, Request, options_error
+from chatbot.engine.chat_engine import ChatEngine, PreparedReply, Request
 from chatbot.engine.decoding import TokenChoice
+from chatbot.engine.plan import options_error
 from chatbot.engine.scheduler import DecodeLoop, Job, LoopObserver, ReplySink
 from chatbot.engine.streaming import ReplyStream
 from chatbot.schemas import ChatReply
@@ -76,7 +77,7 @@ class ContinuousBatcher:
             output, choices = await sink.future
         finally:
             sink.leave()  # a no-op once finished; frees the rows of an abandoned reply
-        return self.engine.chat_reply(prepared.prompt, output, prepared.plan, choices)
+        return self.engine.replies.chat_reply(prepared.prompt, output, prepared.plan, choices)
 
     def close(self) -> None:
         self.loop.close()
@@ -89,10 +90,10 @@ class ContinuousBatcher:
         stream, which ``ChatEngine.check_streamable`` refuses first."""
         self.engine.check_streamable(request)
         prepared = self.engine.prepare(request)
-        plan = prepared.plan
+        plan, replies = prepared.plan, self.engine.replies
         stream = ReplyStream(
-            self.engine.tokenizer, prepared.prompt, self.engine.finish_reason_of(plan), plan.stops,
-            None if plan.top_logprobs is None else self.engine.token_logprobs,
+            self.engine.tokenizer, prepared.prompt, replies.finish_reason_of(plan), plan.stops,
+            None if plan.top_logprobs is None else replies.token_logprobs,
         )  # fmt: skip
         self._submit(prepared, stream)
         return stream
@@ -109,6 +110,6 @@ class ContinuousBatcher:
                 rows=prepared.plan.num_beams,
                 start_decoding=prepared.start_decoding,
                 sink=sink,
-                finish_reason=self.engine.finish_reason_of(prepared.plan),
+                finish_reason=self.engine.replies.finish_reason_of(prepared.plan),
             )
         )

@@ -27,7 +27,7 @@ from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.schemas import TokenLogprob
 
 Describe = Callable[[Sequence[TokenChoice]], list[TokenLogprob]]
-"""Token choices in OpenAI's log-probability terms (``ChatEngine.token_logprobs``)."""
+"""Token choices in OpenAI's log-probability terms (``ReplyWriter.token_logprobs``)."""
 
 
 class _Cancelled(StoppingCriteria):
