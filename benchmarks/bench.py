@@ -642,8 +642,15 @@ def main() -> None:
         help="precision of every server (auto: bfloat16 on CPUs with native bfloat16, "
         "else float32; bfloat16 or float16 on a GPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--workloads", nargs="+", choices=sorted({w.name for w in FULL + QUICK}),
+        help="only these (from the full and quick sets), e.g. default-c16 for 10 beams",
+    )  # fmt: skip
     args = parser.parse_args()
     workloads = QUICK if args.quick else FULL
+    if args.workloads:
+        named = {w.name: w for w in FULL + QUICK}
+        workloads = [named[name] for name in args.workloads]
     # Quick: long enough for the unbatched baseline to finish 32 greedy replies.
     limit_s = 150.0 if args.quick else 600.0
 
@@ -690,7 +697,10 @@ def main() -> None:
         ] + [("baseline", baseline(checkpoint, args.dtype))]
         for name, spec in servers:
             mine = [w for w in workloads if getattr(w, name, True)]  # its flag, if any
-            rate = open_loop_rate(results) if name == "continuous" else None
+            if not mine:
+                continue
+            opens = any(w.open_loop for w in mine)
+            rate = open_loop_rate(results) if name == "continuous" and opens else None
             found, peaks[name] = measure(name, spec, mine, chats, limit_s, rate)
             results += found
 
@@ -699,6 +709,8 @@ def main() -> None:
     suffix = "" if chosen.name == "float32" else f"-{chosen.name}"
     if cpu_isa() != level_of(cpu_flags()):  # capped with ONEDNN_MAX_CPU_ISA
         suffix += f"-{cpu_isa()}"
+    if args.workloads:
+        suffix += "-" + "-".join(args.workloads)
     name = f"{stamp}-{args.model}-{'quick' if args.quick else 'full'}{suffix}"
     (args.out / f"{name}.json").write_text(
         json.dumps(

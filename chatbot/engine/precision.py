@@ -10,7 +10,7 @@ cache stay float32. On a GPU the whole model is cast.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -31,8 +31,12 @@ LM_HEAD = frozenset({"lm_head"})
 """The layer a precision's body kernel leaves to its head kernel. The LM head decides
 which token comes next: rounding its logits changes greedy replies soonest (issue 22
 saw an int4 head change a SmolLM2 reply after a dozen tokens), while it is one layer of
-many (4% of a Blenderbot-400M decode step's multiplies; but 50% of SmolLM2's, whose
-49,152-word head is as large as its 30 layers together)."""
+many (4% of a Blenderbot-400M decode step's multiplies; but half of SmolLM2's, whose
+49,152-word head is as large as its 30 layers together). Every precision keeps it in
+float32: a head in bfloat16 or int8 measured close in perplexity (+0.0%, +0.9% for
+int4's body), but rounds the logits themselves (bfloat16 outputs step by 0.125 at a
+logit of 25), which ties close candidates: SmolLM2's greedy first token for "What is
+the capital of France?" ("The", 0.08 ahead of "L") flipped, and the reply with it."""
 
 
 class UnsupportedPrecision(ValueError):
@@ -59,7 +63,7 @@ CPU_PRECISIONS = {
     "float32": FLOAT32,
     "bfloat16": Precision("bfloat16", torch.float32, BFloat16Linear),
     "int8": Precision("int8", torch.float32, Int8Linear),
-    "int4": Precision("int4", torch.float32, Int4Linear, head=BFloat16Linear),
+    "int4": Precision("int4", torch.float32, Int4Linear),
     "float16": Precision("float16", torch.float16),  # stock layers: no fast CPU kernel
 }
 
@@ -77,8 +81,8 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     (``benchmarks/quality.py``, SmolLM2-135M-Instruct's real weights, README's
     Precision table). A checkpoint from a 4-bit GGUF (``four_bit_source``) is served in
     int4: its body's weights are the file's own 4-bit ones again, so quality is the
-    file's (perplexity +0.0% against the dequantized float32 with a bfloat16 LM head),
-    at a fraction of the bytes a step reads. Otherwise bfloat16 on CPUs that multiply it
+    file's (perplexity +0.1% against the dequantized float32), at a fraction of the
+    bytes a step reads. Otherwise bfloat16 on CPUs that multiply it
     natively (AVX512_BF16, AMX): perplexity +0.1%, 1.4-1.6x float32's served speed;
     float32 on other CPUs, where bfloat16 is emulated. int8 is faster than bfloat16 but
     measured +3.3% perplexity, with greedy replies leaving float32's after 8 tokens on
@@ -93,8 +97,6 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     precision = CPU_PRECISIONS[name]
     if precision.kernel is BFloat16Linear:
         _check_bfloat16()
-    if precision.head is BFloat16Linear and not at_least("avx512_core_bf16"):
-        precision = replace(precision, head=Int8Linear)  # emulated bfloat16 is slow
     return precision
 
 
