@@ -2,9 +2,9 @@
 
 ``generate`` advances a batch whose rows all sit at the same position. The decode loop
 mixes rows that joined at different steps, so each row brings its own position and
-attends only to its own filled keys: Blenderbot's step attends reply by reply, each in
-the call ``generate`` makes for that reply alone; a decoder-only step passes a boolean
-mask (none at all when every row has the same length).
+attends only to its own filled keys: both steps attend reply by reply, each in the call
+``generate`` makes for that reply alone (SDPA's result for a row depends on the width
+and the batch it is computed in, so one masked call would not be exact).
 
 * ``EncoderDecoderStep`` (Blenderbot): admitting a reply runs the encoder and projects
   the cross-attention keys/values once into the reply's rows (beams share them); each
@@ -275,11 +275,12 @@ class DecoderOnlyStep(ModelStep):
         self.slots.reserve(tokens.shape[0], width)
         # Each reply attends over its own length (``runs``): the mask is never read,
         # and a 4-D one spares transformers building its own.
-        unread_mask = torch.ones((tokens.shape[0], 1, 1, width), dtype=torch.bool)
+        shape = (tokens.shape[0], 1, 1, width)
+        unread_mask = torch.ones(shape, dtype=torch.bool, device=self.device)
         outputs = self.model(
             input_ids=tokens[:, None],
             position_ids=positions[:, None],
-            attention_mask=unread_mask.to(self.device),
+            attention_mask=unread_mask,
             past_key_values=_RowsCache(self.slots, positions, width),
             use_cache=True,
             runs=_runs((positions + 1).tolist(), replies),

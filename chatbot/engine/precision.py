@@ -55,7 +55,8 @@ class Precision:
     """The CPU linear-layer kernel; None: float32 layers, packed when asked to be."""
     head: type[PackedLinear] | None = None
     """The LM head's kernel (and that of any layer ``kernel`` cannot take); None:
-    float32, packed when asked to be."""
+    float32, packed when asked to be, as in every precision served (``LM_HEAD``);
+    ``benchmarks/quality.py`` sets it to measure the alternatives."""
 
 
 FLOAT32 = Precision("float32", torch.float32)
