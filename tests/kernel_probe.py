@@ -18,6 +18,7 @@ from chatbot.engine.kernels import (
     Int4Linear,
     Int8Linear,
     PackedLinear,
+    RescoredBFloat16Linear,
 )
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.int8 import absmax_scales, weight_range
@@ -50,7 +51,7 @@ def main() -> None:
     batch = torch.randn(64, 1280)
     kernels: list[type[PackedLinear]] = [Float32Linear, Int8Linear, Int4Linear]
     if at_least("avx512_core"):
-        kernels.append(BFloat16Linear)
+        kernels += [BFloat16Linear, RescoredBFloat16Linear]
     with torch.inference_mode():
         differ = {k.__name__: rows_that_differ(k(linear), batch) for k in kernels}
         # Every weight and input at its extreme: the worst case for 16-bit pair sums.

@@ -23,10 +23,11 @@ from chatbot.engine.kernels import (
     Float32Linear,
     Int4Linear,
     Int8Linear,
+    RescoredBFloat16Linear,
     replace_linear_layers,
     skip_redundant_rows,
 )
-from chatbot.engine.kernels.cpu import LEVELS, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels.int4 import dequantize_groups, quantize_groups
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
@@ -67,7 +68,7 @@ def test_every_kernel_keeps_rows_independent_under_every_instruction_set(level: 
     assert found["isa"] == level
     assert (found["aten"] == "AVX2") == level.startswith("avx2")
     kernels = {"Float32Linear", "Int8Linear", "Int4Linear"}
-    kernels |= {"BFloat16Linear"} if "512" in level else set()
+    kernels |= {"BFloat16Linear", "RescoredBFloat16Linear"} if "512" in level else set()
     assert set(found["differ"]) == kernels
     assert all(rows == [] for rows in found["differ"].values()), found["differ"]
     assert max(found["int8_error"].values()) < 1e-6, found["int8_error"]
@@ -92,8 +93,14 @@ def test_cpu_flags_name_the_levels():
     assert level_of(cpu_flags()) is not None or cpu_isa() is None
 
 
-KERNELS = [Float32Linear, Int8Linear, BFloat16Linear, Int4Linear]
-TOLERANCE = {Float32Linear: 1e-5, Int8Linear: 0.03, BFloat16Linear: 0.03, Int4Linear: 0.15}
+KERNELS = [Float32Linear, Int8Linear, BFloat16Linear, RescoredBFloat16Linear, Int4Linear]
+TOLERANCE = {
+    Float32Linear: 1e-5,
+    Int8Linear: 0.03,
+    BFloat16Linear: 0.03,
+    RescoredBFloat16Linear: 0.03,
+    Int4Linear: 0.15,
+}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -102,7 +109,7 @@ TOLERANCE = {Float32Linear: 1e-5, Int8Linear: 0.03, BFloat16Linear: 0.03, Int4Li
 def test_a_kernel_computes_what_nn_linear_computes(kernel, shape, bias):
     """Exactly in float32; within quantization error (relative to the output's size)
     in the lower precisions."""
-    if kernel is BFloat16Linear and "512" not in (cpu_isa() or ""):
+    if issubclass(kernel, BFloat16Linear) and "512" not in (cpu_isa() or ""):
         pytest.skip("bfloat16 needs AVX-512")
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=bias)
@@ -175,10 +182,12 @@ def test_packing_leaves_other_dtypes_alone():
 
 @pytest.mark.parametrize(
     ("dtype", "body", "head"),
-    [("int8", Int8Linear, Float32Linear), ("int4", Int4Linear, Float32Linear)],
-)
-def test_a_precision_keeps_the_lm_head_in_float32(tiny_checkpoint: Path, dtype, body, head):
-    """Lower-precision heads round the logits themselves (precision.LM_HEAD)."""
+    [("int8", Int8Linear, Float32Linear),
+     ("int4", Int4Linear,
+      RescoredBFloat16Linear if at_least("avx512_core_bf16") else Float32Linear)],
+)  # fmt: skip
+def test_the_lm_head_keeps_float32_logits(tiny_checkpoint: Path, dtype, body, head):
+    """A lower-precision head would round the logits themselves (precision.LM_HEAD)."""
     engine = ChatEngine.load(tiny_checkpoint, dtype, dtype=dtype)
     kinds = {name: type(m) for name, m in engine.model.named_modules()}
     assert kinds["lm_head"] is head

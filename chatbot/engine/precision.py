@@ -10,7 +10,7 @@ cache stay float32. On a GPU the whole model is cast.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -21,6 +21,7 @@ from chatbot.engine.kernels import (
     Int4Linear,
     Int8Linear,
     PackedLinear,
+    RescoredBFloat16Linear,
     replace_linear_layers,
 )
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
@@ -32,11 +33,14 @@ LM_HEAD = frozenset({"lm_head"})
 which token comes next: rounding its logits changes greedy replies soonest (issue 22
 saw an int4 head change a SmolLM2 reply after a dozen tokens), while it is one layer of
 many (4% of a Blenderbot-400M decode step's multiplies; but half of SmolLM2's, whose
-49,152-word head is as large as its 30 layers together). Every precision keeps it in
-float32: a head in bfloat16 or int8 measured close in perplexity (+0.0%, +0.9% for
-int4's body), but rounds the logits themselves (bfloat16 outputs step by 0.125 at a
-logit of 25), which ties close candidates: SmolLM2's greedy first token for "What is
-the capital of France?" ("The", 0.08 ahead of "L") flipped, and the reply with it."""
+49,152-word head is as large as its 30 layers together). A head in bfloat16 or int8
+measured close in perplexity (+0.0%, +0.9% for int4's body), but rounds the logits
+themselves (bfloat16 outputs step by 0.125 at a logit of 25), which ties close
+candidates: SmolLM2's greedy first token for "What is the capital of France?" ("The",
+0.08 ahead of "L") flipped, and the reply with it. So the head stays float32, or (int4,
+where bfloat16 is native) reads bfloat16 weights and rescores its best candidates in
+float32 (``RescoredBFloat16Linear``): float32's logits where decoding looks, at half
+the bytes."""
 
 
 class UnsupportedPrecision(ValueError):
@@ -55,8 +59,7 @@ class Precision:
     """The CPU linear-layer kernel; None: float32 layers, packed when asked to be."""
     head: type[PackedLinear] | None = None
     """The LM head's kernel (and that of any layer ``kernel`` cannot take); None:
-    float32, packed when asked to be, as in every precision served (``LM_HEAD``);
-    ``benchmarks/quality.py`` sets it to measure the alternatives."""
+    float32, packed when asked to be (``LM_HEAD``)."""
 
 
 FLOAT32 = Precision("float32", torch.float32)
@@ -64,7 +67,7 @@ CPU_PRECISIONS = {
     "float32": FLOAT32,
     "bfloat16": Precision("bfloat16", torch.float32, BFloat16Linear),
     "int8": Precision("int8", torch.float32, Int8Linear),
-    "int4": Precision("int4", torch.float32, Int4Linear),
+    "int4": Precision("int4", torch.float32, Int4Linear, head=RescoredBFloat16Linear),
     "float16": Precision("float16", torch.float16),  # stock layers: no fast CPU kernel
 }
 
@@ -98,6 +101,8 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     precision = CPU_PRECISIONS[name]
     if precision.kernel is BFloat16Linear:
         _check_bfloat16()
+    if precision.head is RescoredBFloat16Linear and not at_least("avx512_core_bf16"):
+        precision = replace(precision, head=None)  # emulated bfloat16: float32 is faster
     return precision
 
 
