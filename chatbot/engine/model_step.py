@@ -21,8 +21,9 @@ and the batch it is computed in, so one masked call would not be exact).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.nn import functional
@@ -93,6 +94,26 @@ def _runs(lengths: list[int], replies: Sequence[int]) -> list[_Run]:
     return runs
 
 
+def attend_by_run(
+    runs: Sequence[_Run],
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``attend(query, keys, values)`` once per reply, on its rows and over its own
+    length, the results in row order. One call for the whole batch (the widest row's
+    length, the rest masked) sums in another order: SDPA's result for a row depends on
+    the width and on the batch size (up to 4.8e-7 apart, enough to flip an int8
+    activation's rounding), so a reply would depend on the replies beside it. These are
+    the calls ``generate`` makes for each reply alone; measured no slower than the
+    masked call."""
+    return torch.cat([
+        attend(query[run.rows], keys[run.rows, :, : run.length], values[run.rows, :, : run.length])
+        for run in runs
+    ])  # fmt: skip
+
+
 PER_REPLY = "chatbot_per_reply"
 """The attention implementation a decoder-only model runs under the decode loop."""
 
@@ -106,20 +127,16 @@ def attend_per_reply(
     runs: Sequence[_Run] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, called once per reply over the reply's own
-    length when the decode loop passes ``runs`` (the call ``generate`` makes for that
-    reply alone, unmasked), as Blenderbot's step does; transformers' own otherwise
-    (prompts, ``generate``)."""
+    """transformers' SDPA attention, unmasked, once per reply over the reply's own
+    length when the decode loop passes ``runs`` (``attend_by_run``), as Blenderbot's
+    step attends; transformers' own otherwise (prompts, ``generate``)."""
     if runs is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [
-        sdpa_attention_forward(
-            module, query[run.rows], key[run.rows, :, : run.length],
-            value[run.rows, :, : run.length], None, **kwargs,
-        )[0]
-        for run in runs
-    ]  # fmt: skip
-    return torch.cat(outputs), None
+
+    def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+
+    return attend_by_run(runs, query, key, value, unmasked), None
 
 
 AttentionInterface.register(PER_REPLY, attend_per_reply)
@@ -213,20 +230,10 @@ class EncoderDecoderStep(ModelStep):
         return logits[:, 0]
 
     def _attend(self, attention, states, keys, values, runs: list[_Run]) -> torch.Tensor:
-        """Each reply's rows attend in a call of their own, over their own length: the
-        very call ``generate`` makes for that reply alone. One call for the whole batch
-        (the widest row's length, the rest masked) sums in another order: SDPA's
-        result for a row depends on the width and on the batch size (up to 4.8e-7
-        apart, enough to flip an int8 activation's rounding), so a reply would depend
-        on the replies beside it. Measured: no slower than the masked call."""
+        """Each reply's rows attend in a call of their own (``attend_by_run``)."""
         query = self._heads(attention.q_proj(states))
-        out = torch.cat([
-            functional.scaled_dot_product_attention(
-                query[run.rows], keys[run.rows, :, : run.length],
-                values[run.rows, :, : run.length], scale=attention.scaling,
-            )
-            for run in runs
-        ])  # fmt: skip
+        scaled = partial(functional.scaled_dot_product_attention, scale=attention.scaling)
+        out = attend_by_run(runs, query, keys, values, scaled)
         return attention.out_proj(out.transpose(1, 2).reshape(states.shape))
 
 
