@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-memory quality
+.PHONY: help install browser balancer container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-memory bench-scaling drill quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,12 @@ browser:  ## install Debian's chromium for the browser tests (needs root)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "warning: could not install chromium; the browser test will be skipped"; }
 
+balancer:  ## install Debian's haproxy for the replica drill (needs root)
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { \
+	  echo "installing haproxy (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
+	  || echo "warning: could not install haproxy; the replica drill will be skipped"; }
+
 container-tools:  ## install Debian's buildah and debootstrap for `make image` without Docker (root)
 	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || { \
 	  echo "installing buildah and debootstrap (apt-get)"; \
@@ -43,7 +49,7 @@ fix: install  ## apply ruff's safe fixes and its formatting to the whole tree
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: check browser container-tools  ## the whole offline suite: `make check`, then the server layer
+test: check browser balancer container-tools  ## the whole offline suite: `make check`, then the server layer
 	PY=$(PY) scripts/test_lanes.sh
 
 run: install  ## the service and the chat page together (Ctrl-C stops both)
@@ -96,6 +102,13 @@ quality: install  ## perplexity and greedy agreement of each precision on real w
 
 bench-memory: install  ## resident memory over 5,000 varied requests, packed weights on and off (ARGS)
 	$(PY) benchmarks/memory.py $(ARGS)
+
+bench-scaling: install  ## the concurrency to scale on (one replica's sweep), a recorded surge, and KEDA's replay of it (docs/scaling.png)
+	$(PY) benchmarks/scaling.py $(ARGS)
+	$(PY) benchmarks/scaler_sim.py
+
+drill: install balancer  ## two replicas behind HAProxy under load: restarted in turn, then one killed
+	$(PY) -m devtools.replica_drill
 
 screenshot: install browser  ## redo docs/chat-page.png (runs `make run` on the offline model)
 	$(PY) scripts/screenshot.py docs/chat-page.png

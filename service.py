@@ -32,6 +32,7 @@ from chatbot.engine.scheduler import QueueFull
 from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
 from chatbot.http.json_only import JsonOnly
+from chatbot.http.keep_alive import keep_idle_connections
 from chatbot.http.loop_metrics import LoopMetrics
 from chatbot.http.model_metrics import ModelInfoGauge
 from chatbot.http.openai_api import build_openai_app
@@ -44,10 +45,12 @@ from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo
 from chatbot.settings import Settings, display_name
 
 settings = Settings.from_env()
-precision.resolve(settings.dtype, pick_device())  # refuse what this machine cannot run, now
+# Refuse what this machine cannot run, now, and set the process up for what it can.
+precision.prepare_process(precision.resolve(settings.dtype, pick_device()))
 CONTINUOUS = settings.batching == "continuous"
 BUSY = (ServiceUnavailable, QueueFull)  # the batcher's or the decode loop's queue is full
 openai_v1 = build_openai_app(backend_errors=BUSY)
+keep_idle_connections(settings.keep_alive_s)  # longer than any balancer's (see the module)
 resident_memory = ResidentMemory(bentoml.metrics)
 model_info = ModelInfoGauge(bentoml.metrics)
 
@@ -89,8 +92,14 @@ traffic.TimeoutMiddleware = ResponseStartTimeout  # type: ignore[misc, assignmen
 
 @bentoml.asgi_app(openai_v1, path="/v1")
 @bentoml.service(
-    # Admission answers 504 at CHATBOT_TIMEOUT_S; BentoML's own cut-off is a backstop.
-    traffic={"timeout": settings.timeout_s + 60},
+    traffic={
+        # Admission answers 504 at CHATBOT_TIMEOUT_S; BentoML's own cut-off is a backstop.
+        "timeout": settings.timeout_s + 60,
+        # BentoCloud adds a replica past this many requests per replica, and holds the
+        # rest in its own queue instead of piling them onto busy replicas.
+        "concurrency": settings.target_concurrency,
+        "external_queue": settings.external_queue,
+    },
     # bentoml 1.4.31-1.4.40 close the in-process client every 100 requests, failing
     # the calls in flight (bentoml#5540); never recycling it avoids the drops.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},

@@ -659,6 +659,7 @@ def main() -> None:
     max_batch = max(w.concurrency for w in workloads)
     device = pick_device()
     chosen = precision.resolve(args.dtype, device)
+    precision.prepare_process(chosen)  # as the service does, before any kernel
     # transformers as it comes: float32 nn.Linear on a CPU (any other precision there
     # is one of this project's kernels), the chosen dtype on a GPU.
     stock_dtype = args.dtype if device.type == "cuda" else "float32"

@@ -149,9 +149,7 @@ async def _send(client: httpx.AsyncClient, c: Call) -> str:
 
 async def send_all(url: str, calls: Iterable[Call], concurrency: int) -> Counter[str]:
     semaphore = asyncio.Semaphore(concurrency)
-    # A connection kept no longer than uvicorn keeps it idle (5 s): reusing one the
-    # server is closing at that moment is an error that never reached it.
-    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
+    limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
         async def one(c: Call) -> str:

@@ -12,6 +12,15 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "facebook/blenderbot-400M-distill"
 
+DEFAULT_KEEP_ALIVE_S = 620.0
+"""Idle connections outlive every common balancer's and client pool's
+(``chatbot.http.keep_alive``)."""
+
+DEFAULT_TARGET_CONCURRENCY = 32
+"""Conversations one replica takes before the autoscaler adds another (BentoML's
+``traffic.concurrency``, KEDA's threshold): where the default model's throughput stops
+growing, measured by ``benchmarks/scaling.py`` (README, Scaling)."""
+
 _TAG_NAME_MAX = 63
 
 
@@ -104,6 +113,9 @@ class Settings:
     max_body_bytes: int
     log_content: bool
     release_memory_every_s: float
+    keep_alive_s: float
+    target_concurrency: int
+    external_queue: bool
     api_key: str | None = field(default=None, repr=False)  # never printed
 
     @classmethod
@@ -127,5 +139,8 @@ class Settings:
             max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576),
             log_content=_bool("CHATBOT_LOG_CONTENT", False),
             release_memory_every_s=_float("CHATBOT_RELEASE_MEMORY_EVERY_S", 5),
+            keep_alive_s=_float("CHATBOT_KEEP_ALIVE_S", DEFAULT_KEEP_ALIVE_S),
+            target_concurrency=_int("CHATBOT_TARGET_CONCURRENCY", DEFAULT_TARGET_CONCURRENCY),
+            external_queue=_bool("CHATBOT_EXTERNAL_QUEUE", True),
             api_key=os.environ.get("CHATBOT_API_KEY", "").strip() or None,
         )

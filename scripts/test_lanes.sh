@@ -2,9 +2,8 @@
 # `make test`'s server layer. The two lanes of tests/conftest.py run as two pytest
 # processes at once, so both cores work (each lane is mostly one process waiting on
 # another); the shared-servers lane reports as it goes, the own-processes lane's report
-# follows. Then the soak runs alone: it measures the server's memory, and with both
-# lanes beside it a request was twice lost at the connection level (httpx.ReadError,
-# before its client dropped idle connections ahead of the server). Fails if any part
+# follows. Then the soak runs alone, both families at once: it measures the servers'
+# memory, which the lanes' own servers and builds would disturb. Fails if any part
 # fails; extra arguments go to every part.
 set -uo pipefail
 cd "$(dirname "$0")/.."

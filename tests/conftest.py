@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from capped import probes_of_every_level
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.models.offline_model import offline_model_path
@@ -356,9 +357,10 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) ->
 
 
 # --- slow work in the background ----------------------------------------------------------
-# Building the Bento and the image, ``make run`` offline (its GGUF conversion first) and
-# the benchmark's smoke run take minutes of mostly waiting (downloads, disk, process
-# start-ups) and share no state or measurement with the other tests. Each starts in a
+# The kernel probes (``make check``), building the Bento and the image, ``make run``
+# offline (its GGUF conversion first) and the benchmark's smoke run take minutes of
+# mostly waiting (downloads, disk, process start-ups) or of one core, and share no
+# state or measurement with the other tests. Each starts in a
 # background thread when the session starts, if a selected test needs it; the build and
 # benchmark tests are marked ``last``, so by then their work is done.
 
@@ -376,6 +378,7 @@ CAN_BUILD_IMAGES = bool(
 )
 OFFLINE_MODEL = offline_model_path()
 BACKGROUND_JOBS = {  # in the order they start, each with whether it can run here
+    "kernel_probes": True,
     "image_build": CAN_BUILD_IMAGES,
     "offline_run": OFFLINE_MODEL is not None,
     "bento_build": True,
@@ -439,6 +442,13 @@ def offline_run(
     yield started
     if not started.cancelled() and started.exception() is None:
         stop_tree(started.result().process)
+
+
+@pytest.fixture(scope="session")
+def kernel_probes(background: ThreadPoolExecutor) -> Future[dict[str, list[dict]]]:
+    """The row-independence probe at every instruction-set level (``tests/capped.py``):
+    a minute of fresh processes, each on one core, while the other tests use the other."""
+    return background.submit(probes_of_every_level)
 
 
 @pytest.fixture(scope="session")
@@ -532,7 +542,7 @@ SERVER_FIXTURES = frozenset(
         "server",
         "either_batching",
         *SHARED_SERVERS,
-        *BACKGROUND_JOBS,
+        *(job for job in BACKGROUND_JOBS if job != "kernel_probes"),  # make check's
     }
 )
 
@@ -565,7 +575,13 @@ def assert_in_server_layer() -> None:
 # servers. The soak runs after both, alone (see the script).
 LANES = ("shared-servers", "own-processes")
 OWN_PROCESS_MODULES = frozenset(
-    {"test_bench.py", "test_deploy.py", "test_import_model.py", "test_offline_model.py"}
+    {
+        "test_bench.py",
+        "test_deploy.py",
+        "test_import_model.py",
+        "test_offline_model.py",
+        "test_replica_drill.py",
+    }
 )
 
 

@@ -15,8 +15,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
+from cloudcoil.models.keda.v1alpha1 import ScaledObject
 from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage
 
+from chatbot.settings import Settings
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -84,6 +86,78 @@ def test_service_and_page_take_the_same_optional_api_key_secret():
     assert refs[0]["optional"] is True
 
 
+# --- scaling and disruptions ------------------------------------------------------------
+
+KEDA = KUBERNETES / "keda"
+
+
+def service_pod() -> dict:
+    return by_kind("Deployment")["service-deployment.yaml"]["spec"]["template"]
+
+
+def service_env() -> dict[str, str]:
+    (container,) = service_pod()["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def scaled_object() -> dict:
+    return yaml.safe_load((KEDA / "scaledobject.yaml").read_text())
+
+
+def test_the_scaled_object_matches_kedas_api():
+    """KEDA's ScaledObject (v1alpha1), as its CRDs define it: every key known."""
+    document = scaled_object()
+    parsed = ScaledObject.model_validate(document)
+    assert parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") == document
+    misspelt = copy.deepcopy(document)
+    misspelt["spec"]["minReplicas"] = misspelt["spec"].pop("minReplicaCount")
+    assert (
+        ScaledObject.model_validate(misspelt).model_dump(
+            by_alias=True, exclude_unset=True, mode="json"
+        )
+        != misspelt
+    )
+
+
+def test_keda_scales_the_service_on_its_queue_at_the_measured_concurrency():
+    spec = scaled_object()["spec"]
+    assert spec["scaleTargetRef"]["name"] == "chatbot-service"
+    (trigger,) = spec["triggers"]
+    query = trigger["metadata"]["query"]
+    assert "chatbot_num_requests_running" in query
+    assert "chatbot_num_requests_waiting" in query
+    threshold = int(trigger["metadata"]["threshold"])
+    assert threshold == int(service_env()["CHATBOT_TARGET_CONCURRENCY"])
+    assert threshold == Settings.from_env().target_concurrency  # the service's default
+    kustomization = yaml.safe_load((KEDA / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "scaledobject.yaml"]
+    (deleted,) = [yaml.safe_load(p["patch"]) for p in kustomization["patches"]]
+    (hpa,) = by_kind("HorizontalPodAutoscaler").values()  # the CPU fallback it replaces
+    assert (deleted["kind"], deleted["metadata"]) == (hpa["kind"], hpa["metadata"])
+
+
+def test_restarts_and_drains_never_take_the_last_ready_replica():
+    deployment = by_kind("Deployment")["service-deployment.yaml"]["spec"]
+    (budget,) = by_kind("PodDisruptionBudget").values()
+    assert budget["spec"]["selector"] == deployment["selector"]
+    least = min(
+        deployment["replicas"],
+        scaled_object()["spec"]["minReplicaCount"],
+        next(iter(by_kind("HorizontalPodAutoscaler").values()))["spec"]["minReplicas"],
+    )
+    assert budget["spec"]["minAvailable"] < least
+    assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_a_stopping_replica_has_time_to_finish_every_reply():
+    pod = service_pod()["spec"]
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    longest_reply = float(service_env()["CHATBOT_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + longest_reply
+
+
 def bentocloud_config() -> dict:
     return yaml.safe_load((ROOT / "deploy" / "bentocloud.yaml").read_text())
 
@@ -94,8 +168,11 @@ def as_deployment(config: dict) -> CreateDeploymentSchema:
 
 
 def test_bentocloud_config_matches_bentomls_schema():
-    scaling = as_deployment(bentocloud_config()).services["Chatbot"].scaling
-    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    chatbot = as_deployment(bentocloud_config()).services["Chatbot"]
+    assert (chatbot.scaling.min_replicas, chatbot.scaling.max_replicas) == (2, 8)
+    traffic = chatbot.config_overrides["traffic"]
+    concurrency = Settings.from_env().target_concurrency
+    assert traffic == {"concurrency": concurrency, "external_queue": True}
     misspelt = bentocloud_config()
     misspelt["services"]["Chatbot"]["scalling"] = {"min_replicas": 1}
     with pytest.raises(cattrs.ClassValidationError):

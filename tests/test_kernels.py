@@ -5,15 +5,13 @@ CPU has."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
+from capped import levels_of_this_cpu, run_capped
 from torch import nn
 
 from chatbot.engine.chat_engine import ChatEngine
@@ -27,6 +25,7 @@ from chatbot.engine.kernels import (
     replace_linear_layers,
     skip_redundant_rows,
 )
+from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX
 from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels.int4 import dequantize_groups, quantize_groups
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
@@ -35,42 +34,27 @@ from chatbot.schemas import ChatRequest
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN"
 )
-HERE = Path(__file__).parent
-
-
-def levels_of_this_cpu() -> list[str]:
-    """Every instruction-set level this CPU can be capped to (oneDNN's cap names)."""
-    flags = cpu_flags()
-    best = level_of(flags)
-    older = LEVELS[: LEVELS.index(best) + 1] if best else ()
-    return [level for level in older if level != "avx2_vnni" or "avx_vnni" in flags]
-
-
-def run_capped(level: str, *command: str) -> subprocess.CompletedProcess[str]:
-    """``python command...`` in a fresh process whose oneDNN is capped at ``level``, and
-    ATen's own vector code (int4's kernel) at AVX2 when ``level`` is an AVX2 one."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": level.upper(), "PYTHONPATH": str(HERE.parent)}
-    if level.startswith("avx2"):
-        env["ATEN_CPU_CAPABILITY"] = "avx2"
-    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
 
 
 @pytest.mark.parametrize("level", levels_of_this_cpu())
-def test_every_kernel_keeps_rows_independent_under_every_instruction_set(level: str):
+def test_every_kernel_keeps_rows_independent_under_every_instruction_set(
+    level: str, kernel_probes: Future[dict[str, list[dict]]]
+):
     """What keeps a batched reply identical to the reply computed alone, on this CPU
     and on every older one it can pretend to be (oneDNN reads ONEDNN_MAX_CPU_ISA once,
     so each level runs in a fresh process). int8 sums must also be exact: a kernel
-    that saturates (16-bit pair sums without VNNI) would be far off."""
-    probe = run_capped(level, str(HERE / "kernel_probe.py"))
-    assert probe.returncode == 0, probe.stderr
-    found = json.loads(probe.stdout)
+    that saturates (16-bit pair sums without VNNI) would be far off. The bfloat16
+    kernels run as the service runs them: on AMX, capped below it first."""
+    found, *bfloat16 = kernel_probes.result()[level]  # probed in the background
     assert found["isa"] == level
     assert (found["aten"] == "AVX2") == level.startswith("avx2")
-    kernels = {"Float32Linear", "Int8Linear", "Int4Linear"}
-    kernels |= {"BFloat16Linear", "RescoredBFloat16Linear"} if "512" in level else set()
-    assert set(found["differ"]) == kernels
+    assert set(found["differ"]) == {"Float32Linear", "Int8Linear", "Int4Linear"}
     assert all(rows == [] for rows in found["differ"].values()), found["differ"]
+    for capped_below_amx in bfloat16:
+        assert capped_below_amx["isa"] == min(level, WITHOUT_AMX, key=LEVELS.index)
+        differ = capped_below_amx["differ"]
+        assert set(differ) == {"BFloat16Linear", "RescoredBFloat16Linear"}
+        assert all(rows == [] for rows in differ.values()), differ
     assert max(found["int8_error"].values()) < 1e-6, found["int8_error"]
 
 
@@ -211,8 +195,11 @@ def test_int4_takes_only_layers_of_whole_blocks():
 
 
 @pytest.mark.parametrize(("level", "auto"), [("avx2", "float32"), ("avx512_core_vnni", "float32"),
-                                             ("avx512_core_bf16", "bfloat16")])  # fmt: skip
+                                             ("avx512_core_bf16", "bfloat16"),
+                                             ("avx512_core_amx", "float32")])  # fmt: skip
 def test_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively(level: str, auto: str):
+    """Natively and at full speed: with AMX, bfloat16 must run below it (batch
+    invariance), where float32 measured faster."""
     if level not in levels_of_this_cpu():
         pytest.skip(f"this CPU cannot run {level}")
     code = "import torch; from chatbot.engine import precision; "

@@ -24,6 +24,7 @@ from chatbot.engine.kernels import (
     RescoredBFloat16Linear,
     replace_linear_layers,
 )
+from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX, run_without_amx
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,14 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     file's (perplexity +0.0% against the dequantized float32; greedy replies identical
     in 151 of 200), at a fraction of the bytes a step reads (2.4x float32's speed for
     one conversation, served). Otherwise bfloat16 on CPUs that multiply it
-    natively (AVX512_BF16, AMX): perplexity +0.1%, 1.4-1.6x float32's served speed;
-    float32 on other CPUs, where bfloat16 is emulated. int8 is faster than bfloat16 but
-    measured +3.3% perplexity, with greedy replies leaving float32's after 8 tokens on
-    average: it is there to be asked for, as int4 is for a float checkpoint.
+    natively with AVX512_BF16: perplexity +0.1%, 1.4-1.6x float32's served speed (a
+    2-core EPYC); float32 on CPUs where bfloat16 is emulated, and on CPUs with AMX,
+    where bfloat16 must run below AMX to keep replies batch-invariant
+    (``run_without_amx``) and float32 then measured faster (a 2-core Xeon, the 400M
+    model served: 3.87 replies/s against 2.73 at 32 clients, 0.56 against 0.58 at 1).
+    int8 is faster than bfloat16 but measured +3.3% perplexity, with greedy replies
+    leaving float32's after 8 tokens on average: it is there to be asked for, as int4
+    is for a float checkpoint.
     On a GPU ``auto`` is bfloat16 where the GPU has it natively (float32's range, so no
     overflow; half the memory traffic per decode step), float16 on older GPUs.
     """
@@ -107,10 +112,18 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     return precision
 
 
+def prepare_process(precision: Precision) -> None:
+    """What this process must do before its first kernel to serve ``precision``: cap
+    oneDNN below AMX for the bfloat16 kernels (``run_without_amx``). The service calls
+    it; it changes the process's environment, which its children inherit."""
+    if any(issubclass(k, BFloat16Linear) for k in (precision.kernel, precision.head) if k):
+        run_without_amx()
+
+
 def _auto_on_cpu(four_bit_source: bool) -> str:
     if four_bit_source:
         return "int4"
-    return "bfloat16" if at_least("avx512_core_bf16") else "float32"
+    return "bfloat16" if cpu_isa() == WITHOUT_AMX else "float32"
 
 
 def _on_gpu(name: str) -> Precision:

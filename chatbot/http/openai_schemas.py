@@ -82,19 +82,20 @@ class SamplingFields(_Lenient):
     """The fields both endpoints share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    # Integers are strict: JSON's true and false are not 1 and 0 (a fuzzed seed: false).
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS, strict=True)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, strict=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: _Stop | list[_Stop] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, strict=True)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None  # accepted, unused: there are no per-user quotas
     # vLLM's extras; top_k -1 or 0 means "no limit", as there.
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, strict=True)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
     # This service's: beam search (Blenderbot's default is 10 beams).

@@ -106,10 +106,10 @@ class PackedLinear(nn.Module, ABC):
     smallest_call = 1
     """The fewest rows handed to the kernel at once (a single row is padded up to it)."""
 
-    @classmethod
-    def row_counts(cls) -> list[int]:
+    def row_counts(self) -> list[int]:
         """Every row count ``_bucketed`` hands the kernel."""
-        return sorted({row_bucket(n, cls.smallest_call) for n in range(1, MAX_ROWS_PER_CALL + 1)})
+        calls = range(1, MAX_ROWS_PER_CALL + 1)
+        return sorted({row_bucket(n, self.smallest_call) for n in calls})
 
     @classmethod
     def takes(cls, linear: nn.Linear) -> bool:
