@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import http.client
 import subprocess
 import sys
+import time
 from concurrent.futures import Future
 
 import cattrs
@@ -186,6 +188,25 @@ def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
     assert isinstance(reply.json(), str)
 
 
+KEEP_ALIVE = {"CHATBOT_KEEP_ALIVE_S": "3"}  # short, to watch the server close
+
+
+def assert_idle_connections_close_after(port: int, keep_alive_s: float) -> None:
+    """The server keeps an idle connection ``keep_alive_s``, then closes it: the
+    setting reached the server from the environment the Bento or image runs in."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for idle_s in (0, keep_alive_s / 3):
+        time.sleep(idle_s)
+        connection.request("GET", "/readyz")
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+    assert connection.sock is not None
+    time.sleep(keep_alive_s + 1)
+    assert connection.sock.recv(1) == b""  # closed by the server
+    connection.close()
+
+
 @pytest.mark.build
 @pytest.mark.last  # its build ran in the background meanwhile (conftest.bento_build)
 def test_the_built_bento_serves_the_model_it_carries(
@@ -196,10 +217,12 @@ def test_the_built_bento_serves_the_model_it_carries(
     server = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", bento,
          "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, env={**env, **KEEP_ALIVE}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert_chat_replies(f"http://127.0.0.1:{port}", server)
+        assert_idle_connections_close_after(port, float(KEEP_ALIVE["CHATBOT_KEEP_ALIVE_S"]))
     finally:
         stop_tree(server)
 
@@ -220,13 +243,14 @@ def test_the_image_built_from_the_bento_answers_a_chat(image_build: Future[Built
     port = free_port()
     server = subprocess.Popen(
         ["buildah", "run", "--isolation", "chroot", "--network", "host",
-         "--user", "bentoml", container, "--",
+         "--user", "bentoml", *(f"--env={k}={v}" for k, v in KEEP_ALIVE.items()), container, "--",
          "/home/bentoml/bento/env/docker/entrypoint.sh",
          "--host", "127.0.0.1", "--port", str(port)],
         env=image.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert_chat_replies(f"http://127.0.0.1:{port}", server)
+        assert_idle_connections_close_after(port, float(KEEP_ALIVE["CHATBOT_KEEP_ALIVE_S"]))
     finally:
         stop_tree(server)
         buildah(["buildah", "rm", container])
