@@ -119,6 +119,12 @@ def simulate(
     return timeline
 
 
+def measured_in_system(record: dict) -> list[float]:
+    """Conversations the recorded replica held at each sample (running + waiting)."""
+    return [s["chatbot_num_requests_waiting"] + s["chatbot_num_requests_running"]
+            for s in record["surge"]["samples"]]  # fmt: skip
+
+
 def draw(record: dict, single: Timeline, scaled: Timeline, threshold: float) -> None:
     import matplotlib
 
@@ -126,8 +132,7 @@ def draw(record: dict, single: Timeline, scaled: Timeline, threshold: float) -> 
     import matplotlib.pyplot as plt
 
     samples = record["surge"]["samples"]
-    measured = [s["chatbot_num_requests_waiting"] + s["chatbot_num_requests_running"]
-                for s in samples]  # fmt: skip
+    measured = measured_in_system(record)
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     top.plot([s["t"] for s in samples], measured, label="1 replica, measured", color="grey")
     top.plot(single.t, single.in_system, "--", label="1 replica, replayed", color="black")
@@ -168,10 +173,7 @@ def main() -> None:
     until = record["surge"]["samples"][-1]["t"] + DOWN_WINDOW_S + 60  # to see it scale down
     single = simulate(arrivals, capacity, threshold, start_s, until, scaling=False, replicas=1)
     scaled = simulate(arrivals, capacity, threshold, start_s, until)
-    measured_peak = max(
-        s["chatbot_num_requests_waiting"] + s["chatbot_num_requests_running"]
-        for s in record["surge"]["samples"]
-    )
+    measured_peak = max(measured_in_system(record))
     print(f"record {path.name}: {len(arrivals)} arrivals, threshold {threshold:g}, "
           f"a replica ready {start_s:.1f} s after it is asked for")  # fmt: skip
     print(f"1 replica: peak {measured_peak:.0f} conversations measured, "

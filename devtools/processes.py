@@ -62,13 +62,20 @@ def wait_until_healthy(health_url: str, process: subprocess.Popen, timeout_s: fl
     raise TimeoutError(f"{health_url} not healthy after {timeout_s:.0f}s")
 
 
-def stop_tree(process: subprocess.Popen, grace_s: float = 30) -> None:
-    """Terminate a server and every process under it (BentoML workers start their own
-    sessions, so a process group is not enough); kill what is left after ``grace_s``."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and every process under it (BentoML workers start their own sessions,
+    so a process group is not enough); empty once it is gone."""
     try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        tree = []
+        return []
+
+
+def stop_tree(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """Terminate a server and every process under it; kill what is left after
+    ``grace_s``."""
+    tree = process_tree(process.pid)
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()

@@ -36,9 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
 
-from devtools.processes import free_port, stop_tree, wait_until_healthy
+from devtools.processes import free_port, process_tree, stop_tree, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 6  # steady load: this many clients a route, each sending its next request at once
@@ -72,11 +71,9 @@ defaults
 frontend retrying
     bind 127.0.0.1:{retrying_port}
     default_backend retrying
-    http-response set-header X-Replica %s
 frontend plain
     bind 127.0.0.1:{plain_port}
     default_backend plain
-    http-response set-header X-Replica %s
 backend retrying
     http-response set-header X-Replica %s
     # A reply changes nothing on the server, so a request whose replica closed or died
@@ -165,8 +162,7 @@ class Replica:
     def kill(self) -> int:
         """SIGKILL to every process of the replica at once, as a crashed node."""
         assert self.process is not None
-        root = psutil.Process(self.process.pid)
-        tree = [root, *root.children(recursive=True)]
+        tree = process_tree(self.process.pid)
         for process in tree:
             process.kill()
         self.process.wait(timeout=30)

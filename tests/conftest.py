@@ -377,13 +377,13 @@ CAN_BUILD_IMAGES = bool(
     os.geteuid() == 0 and shutil.which("buildah") and shutil.which("debootstrap")
 )
 OFFLINE_MODEL = offline_model_path()
-BACKGROUND_JOBS = {  # in the order they start, each with whether it can run here
-    "kernel_probes": True,
+SERVER_JOBS = {  # in the order they start, each with whether it can run here
     "image_build": CAN_BUILD_IMAGES,
     "offline_run": OFFLINE_MODEL is not None,
     "bento_build": True,
     "bench_run": True,
 }
+BACKGROUND_JOBS = {"kernel_probes": True, **SERVER_JOBS}  # the probes: make check's
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -542,7 +542,7 @@ SERVER_FIXTURES = frozenset(
         "server",
         "either_batching",
         *SHARED_SERVERS,
-        *(job for job in BACKGROUND_JOBS if job != "kernel_probes"),  # make check's
+        *SERVER_JOBS,
     }
 )
 

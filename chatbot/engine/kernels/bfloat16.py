@@ -31,7 +31,7 @@ def run_without_amx() -> None:
     Capped at AVX512_BF16 every row count agrees (as on CPUs without AMX), at the
     cost of AMX's speed on large batches (128 rows: 2.2 ms instead of 14 for a
     1280x5120 layer). oneDNN reads the cap once, at its first kernel: the service calls
-    this (through ``precision.resolve``) before it loads the model. int8 keeps AMX:
+    this (through ``precision.prepare_process``) before it loads the model. int8 keeps AMX:
     its integer sums are exact, whatever the kernel.
     """
     if cpu_isa() == "avx512_core_amx":
