@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser balancer container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-memory bench-scaling drill quality
+.PHONY: help install browser balancer database container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-memory bench-scaling drill quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,12 @@ balancer:  ## install Debian's haproxy for the replica drill (needs root)
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } \
 	  || echo "warning: could not install haproxy; the replica drill will be skipped"; }
 
+database:  ## install Debian's postgresql for the page's database tests (needs root)
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  echo "installing postgresql (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	  || echo "warning: could not install postgresql; the PostgreSQL tests will be skipped"; }
+
 container-tools:  ## install Debian's buildah and debootstrap for `make image` without Docker (root)
 	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || { \
 	  echo "installing buildah and debootstrap (apt-get)"; \
@@ -49,7 +55,7 @@ fix: install  ## apply ruff's safe fixes and its formatting to the whole tree
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: check browser balancer container-tools  ## the whole offline suite: `make check`, then the server layer
+test: check browser balancer database container-tools  ## the whole offline suite: `make check`, then the server layer
 	PY=$(PY) scripts/test_lanes.sh
 
 run: install  ## the service and the chat page together (Ctrl-C stops both)

@@ -2,9 +2,10 @@
 
     CHATBOT_URL=http://127.0.0.1:3000 streamlit run frontend/app.py
 
-The thread lives in SQLite (``CHATBOT_DATA_DIR``), kept for its owner (this browser,
-or a signed-in person: ``frontend.owners``), and its unguessable id in the page URL,
-so a refresh or a restart of the page shows the same conversation.
+The thread lives in a database (``frontend.store``: SQLite in ``CHATBOT_DATA_DIR``, or
+``CHATBOT_DATABASE_URL``), kept for its owner (this browser, or a signed-in person:
+``frontend.owners``), and its unguessable id in the page URL, so a refresh, a restart
+or another copy of the page shows the same conversation.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from frontend.client import ChatClient, ServiceError
 from frontend.export import to_csv, to_json
 from frontend.owners import current_owner, sign_in_configured, signed_in
-from frontend.store import ChatStore, StoredMessage
+from frontend.store import ChatStore, StoredMessage, database_url
 
 TRUNCATION_NOTE = "The model only saw the most recent part of this conversation."
 
@@ -35,14 +35,14 @@ OFFLINE_MODEL_NOTE = (
 
 
 STOPPED_NOTE = "Stopped: the reply ends here."
+WRITTEN_ELSEWHERE = "Being written (in another tab, or before a reload)…"
 NOT_YOURS = "That conversation link is not one of yours (or it was deleted): here are yours."
 
 
 @st.cache_resource
-def replies_being_written() -> set[int]:
-    """Ids of the replies this page process is writing now, whatever the session: a
-    reply left "writing" by a session that is gone (a reload, a closed tab) is stopped."""
-    return set()
+def store(url: str) -> ChatStore:
+    """One store (its connection pool, its schema check) per page process and database."""
+    return ChatStore(url)
 
 
 def current_conversation(db: ChatStore, owner: str) -> int:
@@ -164,18 +164,31 @@ def show_text(content: str, truncated: bool, state: str = "done") -> None:
         st.caption(STOPPED_NOTE)
 
 
-def show_thread(db: ChatStore, messages: list[StoredMessage]) -> list[StoredMessage]:
-    """The thread; a reply still marked as being written by a session that is gone
-    is marked stopped (what it wrote is kept). The messages as shown."""
-    shown = []
+def show_thread(db: ChatStore, messages: list[StoredMessage]) -> None:
+    """The thread. A reply that another session is writing, on this page copy or
+    another, is followed as it grows, and can be stopped from here."""
     for message in messages:
-        if message.state == "writing" and message.id not in replies_being_written():
-            db.update_reply(message.id, message.content, "stopped", message.truncated)
-            message = replace(message, state="stopped")
         with st.chat_message(message.role):
-            show_text(message.content, message.truncated, message.state)
-        shown.append(message)
-    return shown
+            if message.state == "writing":
+                follow_reply(db, message.id)
+            else:
+                show_text(message.content, message.truncated, message.state)
+
+
+@st.fragment(run_every=1.0)
+def follow_reply(db: ChatStore, message_id: int) -> None:
+    """The reply as stored now; once it is no longer being written (done, stopped,
+    or abandoned by a page copy that died), the whole page runs again."""
+    reply = db.reply(message_id)
+    if reply is None or reply.state != "writing":
+        st.rerun(scope="app")
+    assert reply is not None
+    show_text(reply.content, reply.truncated)
+    st.caption(WRITTEN_ELSEWHERE)
+    st.button(
+        "Stop", key=f"stop-{message_id}", icon=":material/stop_circle:",
+        on_click=db.request_stop, args=(message_id,),
+    )  # fmt: skip
 
 
 def answer(
@@ -223,47 +236,48 @@ def stream_reply(
 ) -> None:
     streamed = api.stream(model, messages, on_busy=tell_busy, **options)
     reply_id = db.add(conversation, "assistant", "", state="writing")
-    replies_being_written().add(reply_id)
     st.session_state.writing = reply_id
     st.button("Stop", key="stop", icon=":material/stop_circle:")  # a click reruns: see below
     pieces, text, state = iter(streamed), "", "stopped"
 
     def stored_as_written() -> Iterator[str]:
-        nonlocal text
+        nonlocal text, state
         for piece in pieces:
             text += piece
-            db.update_reply(reply_id, text, "writing")
+            if not db.grow_reply(reply_id, text):
+                return  # stopped from another tab or page copy
             yield piece
-
-    try:
-        st.write_stream(stored_as_written())
         state = "done"
-    finally:  # also when Stop (or a new message) interrupts this run
-        pieces.close()  # the service stops writing at its next step
-        if state == "done" or text:
-            db.update_reply(reply_id, text, state, streamed.truncated)
-        else:
-            db.remove_message(reply_id)  # nothing written: the message waits for Retry
-        replies_being_written().discard(reply_id)
+
+    with db.kept_alive(reply_id):
+        try:
+            st.write_stream(stored_as_written())
+        finally:  # also when Stop (or a new message) interrupts this run
+            pieces.close()  # the service stops writing at its next step
+            if state == "done" or text:
+                db.update_reply(reply_id, text, state, streamed.truncated)
+            else:
+                db.remove_message(reply_id)  # nothing written: the message waits for Retry
 
 
 def main() -> None:
     st.set_page_config(page_title="Blenderbot chat", page_icon="💬")
-    db, api = ChatStore(), ChatClient.from_env()
+    db, api = store(database_url()), ChatClient.from_env()
     owner = current_owner()
     if not st.session_state.get("claimed"):
         db.claim_unowned(owner)
         st.session_state.claimed = True
-    wait_for_the_interrupted_run()
+    wait_for_the_interrupted_run(db)
     conversation = current_conversation(db, owner)
     stored = db.messages(conversation)
     model, options = sidebar(db, api, owner, conversation, stored)
-    messages = show_thread(db, stored)
-    waiting = bool(messages) and messages[-1].role == "user"
+    show_thread(db, stored)
+    waiting = bool(stored) and stored[-1].role == "user"
     answering = st.session_state.pop("answer", None) == conversation and waiting
+    followed = any(message.state == "writing" for message in stored)
     # One input, the same widget in every run (so no stale copy stays usable), disabled
-    # while a reply is written.
-    text = st.chat_input("Say something…", key="message", disabled=answering)
+    # while a reply is written, here or elsewhere.
+    text = st.chat_input("Say something…", key="message", disabled=answering or followed)
     if answering:
         st.session_state.failure = answer(db, api, conversation, model, options)
         st.rerun()
@@ -271,8 +285,8 @@ def main() -> None:
         st.error(failure)
     if waiting and st.button("Retry", key="retry", icon=":material/refresh:"):
         ask_for_an_answer(conversation)
-    last = messages[-1] if messages else None
-    regenerate = last is not None and last.role == "assistant"
+    last = stored[-1] if stored else None
+    regenerate = last is not None and last.role == "assistant" and not followed
     if regenerate and st.button("Regenerate", key="regenerate", icon=":material/autorenew:"):
         assert last is not None
         db.remove_message(last.id)  # replaced: the thread and its export show the new one
@@ -282,13 +296,15 @@ def main() -> None:
         ask_for_an_answer(conversation)
 
 
-def wait_for_the_interrupted_run(timeout_s: float = 5.0) -> None:
+def wait_for_the_interrupted_run(db: ChatStore, timeout_s: float = 5.0) -> None:
     """Stop, or a message typed while a reply streams, reruns the page while the run
     it interrupts is still closing that reply (Streamlit starts the new run at once):
     wait for it to be stored, so the thread shows it as it ended."""
     reply = st.session_state.pop("writing", None)
     deadline = time.monotonic() + timeout_s
-    while reply in replies_being_written() and time.monotonic() < deadline:
+    while reply is not None and (now := db.reply(reply)) is not None and now.state == "writing":
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.02)
 
 

@@ -1,48 +1,69 @@
-"""Conversations kept in SQLite, so a page refresh or restart loses nothing.
+"""Conversations kept in a database, so a reload, a restart or another copy of the
+page loses nothing.
+
+``CHATBOT_DATABASE_URL`` (a SQLAlchemy URL) picks the database: SQLite in
+``CHATBOT_DATA_DIR`` by default (one page process, nothing to run), PostgreSQL
+(``postgresql+psycopg://...``) for any number of page copies. The schema is brought up
+to date by Alembic (``frontend/migrations``) when the store opens.
 
 A user's message is written before it is sent to the service: if the service fails,
-the message is still there to retry.
+the message is still there to retry. A reply is written as it streams, and its writer
+touches it at least every ``lease_s / 3`` seconds; a reply nobody touched for
+``lease_s`` (its page copy died, say) is taken as stopped, keeping what it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import sqlite3
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "blenderbot-chat"
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: an old link must not open another chat
-    created_at TEXT NOT NULL,
-    owner TEXT,  -- NULL: written before conversations had owners (see claim_unowned)
-    public_id TEXT  -- what links name: unguessable, unlike id
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    content TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    truncated INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'done'  -- a reply: 'writing', 'stopped' or 'done'
-);
-"""
-_ADDED_COLUMNS = {  # columns later versions added, for databases written before them
-    "conversations": {"owner": "TEXT", "public_id": "TEXT"},
-    "messages": {"state": "TEXT NOT NULL DEFAULT 'done'"},
-}
+from frontend.migrations import upgrade
+from frontend.schema import conversations, messages
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "blenderbot-chat"
+DEFAULT_LEASE_S = 15.0
 
 ReplyState = Literal["writing", "stopped", "done"]
 
 
 def data_dir() -> Path:
     return Path(os.environ.get("CHATBOT_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def database_url() -> str:
+    """``CHATBOT_DATABASE_URL``, else the SQLite file in ``CHATBOT_DATA_DIR``."""
+    if url := os.environ.get("CHATBOT_DATABASE_URL"):
+        return url
+    data_dir().mkdir(parents=True, exist_ok=True)
+    return sqlite_url(data_dir() / "conversations.sqlite3")
+
+
+def reply_lease_s() -> float:
+    return float(os.environ.get("CHATBOT_REPLY_LEASE_S") or DEFAULT_LEASE_S)
 
 
 def _now() -> str:
@@ -71,66 +92,58 @@ class ConversationSummary:
     title: str
 
 
+def connect(url: str) -> Engine:
+    """An engine for ``url``: SQLite with its foreign keys on (they are off by default,
+    and deleting a conversation relies on them), any server with stale connections
+    replaced instead of failing the first query after a database restart."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA busy_timeout = 10000")  # writers wait for each other
+            cursor.close()
+
+    return engine
+
+
 class ChatStore:
     """Conversations, each kept for its owner: an anonymous browser or a signed-in
     person (``frontend.owners``). Every read and write names the owner, so one owner's
     conversation can never be listed, opened or deleted by another."""
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or data_dir() / "conversations.sqlite3"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
-            self._migrate(db)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path)
-        db.execute("PRAGMA foreign_keys = ON")
-        return db
-
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        """Bring a database written by an earlier page up to date, keeping every row."""
-        for table, columns in _ADDED_COLUMNS.items():
-            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-            for name, kind in columns.items():
-                if name not in present:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-        for (conversation,) in db.execute(
-            "SELECT id FROM conversations WHERE public_id IS NULL"
-        ).fetchall():
-            db.execute(
-                "UPDATE conversations SET public_id = ? WHERE id = ?", (_public_id(), conversation)
-            )
-        db.execute(
-            "CREATE UNIQUE INDEX IF NOT EXISTS conversations_public_id ON conversations(public_id)"
-        )
+    def __init__(self, url: str | None = None, lease_s: float | None = None) -> None:
+        self.engine = connect(url or database_url())
+        self.lease_s = lease_s or reply_lease_s()
+        upgrade(self.engine)
 
     def claim_unowned(self, owner: str) -> int:
         """Give the conversations written before owners existed to ``owner`` (the
         first visitor after the upgrade: before it, every visitor saw them anyway)."""
-        with self._connect() as db:
-            return db.execute(
-                "UPDATE conversations SET owner = ? WHERE owner IS NULL", (owner,)
-            ).rowcount
+        with self.engine.begin() as db:
+            claim = update(conversations).where(conversations.c.owner.is_(None))
+            return db.execute(claim.values(owner=owner)).rowcount
 
     def new_conversation(self, owner: str) -> ConversationSummary:
         public_id, created = _public_id(), _now()
-        with self._connect() as db:
-            cursor = db.execute(
-                "INSERT INTO conversations (created_at, owner, public_id) VALUES (?, ?, ?)",
-                (created, owner, public_id),
-            )
-            return ConversationSummary(int(cursor.lastrowid or 0), public_id, created, "")
+        with self.engine.begin() as db:
+            row = db.execute(
+                insert(conversations)
+                .values(created_at=created, owner=owner, public_id=public_id)
+                .returning(conversations.c.id)
+            ).scalar_one()
+        return ConversationSummary(row, public_id, created, "")
 
     def find(self, public_id: str, owner: str) -> int | None:
         """The conversation a link names, if it is ``owner``'s."""
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT id FROM conversations WHERE public_id = ? AND owner = ?",
-                (public_id, owner),
-            ).fetchone()
-        return None if row is None else int(row[0])
+        with self.engine.begin() as db:
+            return db.execute(
+                select(conversations.c.id).where(
+                    conversations.c.public_id == public_id, conversations.c.owner == owner
+                )
+            ).scalar_one_or_none()
 
     def add(
         self,
@@ -141,51 +154,148 @@ class ChatStore:
         state: ReplyState = "done",
     ) -> int:
         """Store a message; its id (a reply being written is updated as it grows)."""
-        with self._connect() as db:
-            cursor = db.execute(
-                "INSERT INTO messages (conversation_id, role, content, created_at, truncated,"
-                " state) VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, _now(), int(truncated), state),
+        with self.engine.begin() as db:
+            return db.execute(
+                insert(messages)
+                .values(
+                    conversation_id=conversation_id,
+                    role=role,
+                    content=content,
+                    created_at=_now(),
+                    truncated=truncated,
+                    state=state,
+                    touched_at=time.time() if state == "writing" else None,
+                )
+                .returning(messages.c.id)
+            ).scalar_one()
+
+    def grow_reply(self, message_id: int, content: str) -> bool:
+        """Store what a reply being written says so far; False when it is to stop
+        writing: a page asked it to, or it was taken as stopped."""
+        return self._touch(message_id, content=content)
+
+    def touch(self, message_id: int) -> bool:
+        """Say that the reply's writer is alive; False as for ``grow_reply``."""
+        return self._touch(message_id)
+
+    def _touch(self, message_id: int, **values: str) -> bool:
+        with self.engine.begin() as db:
+            return (
+                db.execute(
+                    update(messages)
+                    .where(
+                        messages.c.id == message_id,
+                        messages.c.state == "writing",
+                        messages.c.stop_requested.is_(False),
+                    )
+                    .values(touched_at=time.time(), **values)
+                ).rowcount
+                == 1
             )
-            return int(cursor.lastrowid or 0)
+
+    @contextlib.contextmanager
+    def kept_alive(self, message_id: int) -> Iterator[None]:
+        """While the block runs, touch the reply every ``lease_s / 3`` seconds, so that
+        no copy takes it as abandoned while its writer waits on the service (a reply
+        queued behind others writes nothing for a while)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3) and self.touch(message_id):
+                pass
+
+        beating = threading.Thread(target=beat, name=f"reply-{message_id}-alive", daemon=True)
+        beating.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beating.join()
+
+    def request_stop(self, message_id: int) -> None:
+        """Ask the writer of a reply, on whichever page copy it runs, to stop it."""
+        with self.engine.begin() as db:
+            db.execute(
+                update(messages).where(messages.c.id == message_id).values(stop_requested=True)
+            )
 
     def update_reply(
         self, message_id: int, content: str, state: ReplyState, truncated: bool = False
     ) -> None:
-        with self._connect() as db:
+        with self.engine.begin() as db:
             db.execute(
-                "UPDATE messages SET content = ?, state = ?, truncated = ? WHERE id = ?",
-                (content, state, int(truncated), message_id),
+                update(messages)
+                .where(messages.c.id == message_id)
+                .values(content=content, state=state, truncated=truncated, touched_at=time.time())
             )
 
     def remove_message(self, message_id: int) -> None:
-        with self._connect() as db:
-            db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        with self.engine.begin() as db:
+            db.execute(delete(messages).where(messages.c.id == message_id))
+
+    def reply(self, message_id: int) -> StoredMessage | None:
+        """One message as stored now (None once removed), taken as stopped as in
+        ``messages`` when its writer is gone."""
+        found = self._read(messages.c.id == message_id)
+        return found[0] if found else None
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
-        with self._connect() as db:
+        """The thread, oldest first. A reply being written that its writer has not
+        touched for ``lease_s`` is first marked stopped: its writer is gone."""
+        return self._read(messages.c.conversation_id == conversation_id)
+
+    def _read(self, which: ColumnElement[bool]) -> list[StoredMessage]:
+        with self.engine.begin() as db:
+            db.execute(
+                update(messages)
+                .where(
+                    which,
+                    messages.c.state == "writing",
+                    func.coalesce(messages.c.touched_at, 0) < time.time() - self.lease_s,
+                )
+                .values(state="stopped")
+            )
             rows = db.execute(
-                "SELECT role, content, created_at, truncated, state, id FROM messages"
-                " WHERE conversation_id = ? ORDER BY id",
-                (conversation_id,),
-            ).fetchall()
+                select(
+                    messages.c.role,
+                    messages.c.content,
+                    messages.c.created_at,
+                    messages.c.truncated,
+                    messages.c.state,
+                    messages.c.id,
+                )
+                .where(which)
+                .order_by(messages.c.id)
+            ).all()
         return [StoredMessage(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
 
     def conversations(self, owner: str) -> list[ConversationSummary]:
         """``owner``'s, newest first, titled by their first user message."""
-        with self._connect() as db:
+        first_said = (
+            select(messages.c.content)
+            .where(messages.c.conversation_id == conversations.c.id, messages.c.role == "user")
+            .order_by(messages.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+        with self.engine.begin() as db:
             rows = db.execute(
-                "SELECT c.id, c.public_id, c.created_at, COALESCE(("
-                "  SELECT content FROM messages m WHERE m.conversation_id = c.id"
-                "  AND m.role = 'user' ORDER BY m.id LIMIT 1), '')"
-                " FROM conversations c WHERE c.owner = ? ORDER BY c.id DESC",
-                (owner,),
-            ).fetchall()
+                select(
+                    conversations.c.id,
+                    conversations.c.public_id,
+                    conversations.c.created_at,
+                    func.coalesce(first_said, ""),
+                )
+                .where(conversations.c.owner == owner)
+                .order_by(conversations.c.id.desc())
+            ).all()
         return [ConversationSummary(r[0], r[1], r[2], r[3]) for r in rows]
 
     def delete(self, conversation_id: int, owner: str) -> None:
         """The conversation and every message of it, if it is ``owner``'s."""
-        with self._connect() as db:
+        with self.engine.begin() as db:
             db.execute(
-                "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+                delete(conversations).where(
+                    conversations.c.id == conversation_id, conversations.c.owner == owner
+                )
             )

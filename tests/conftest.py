@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from capped import probes_of_every_level
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.models.offline_model import offline_model_path
 from chatbot.models.tiny_model import build_tiny_chat_checkpoint, build_tiny_checkpoint
+from devtools.postgres import running_postgres, server_bin
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -532,6 +535,47 @@ def image_build(
     return background.submit(build_image, tiny_checkpoint, tmp_path_factory.mktemp("image-home"))
 
 
+# --- page processes -------------------------------------------------------------------------
+
+
+@contextmanager
+def running(command: list[str], port: int, health: str, **popen: Any) -> Iterator[str]:
+    """``command`` started (its output dropped), answering on 127.0.0.1:``port`` once
+    ``health`` does; its whole process tree stopped on exit."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url + health, process)
+        yield url
+    finally:
+        stop_tree(process)
+
+
+@pytest.fixture(scope="module")
+def oidc_provider() -> Iterator[str]:
+    """A real OpenID Connect provider (oidc-provider-mock) on 127.0.0.1: its login
+    form takes any user name."""
+    port = free_port()
+    command = [sys.executable, "-m", "oidc_provider_mock", "--host", "127.0.0.1", "--port"]
+    with running([*command, str(port)], port, "/.well-known/openid-configuration") as url:
+        yield url
+
+
+# --- the page's database ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's, ``make database``) for this session: its
+    URL. Each test makes its own database on it (``devtools.postgres.new_database``)."""
+    if server_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make database)")
+    with running_postgres() as url:
+        yield url
+
+
 # --- layers ----------------------------------------------------------------------------------
 
 # A test that uses one of these starts real processes: it belongs to the ``server`` layer.
@@ -541,6 +585,7 @@ SERVER_FIXTURES = frozenset(
         "chat_model_store",
         "server",
         "either_batching",
+        "postgres",
         *SHARED_SERVERS,
         *SERVER_JOBS,
     }
@@ -580,6 +625,7 @@ OWN_PROCESS_MODULES = frozenset(
         "test_deploy.py",
         "test_import_model.py",
         "test_offline_model.py",
+        "test_page_copies.py",
         "test_replica_drill.py",
     }
 )
@@ -597,12 +643,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )  # fmt: skip
 
 
+EMPTY = SimpleNamespace(params={})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the ``server`` layer (every test that needs a real process of its own, a
-    browser test too), keep only ``--lane``'s tests when given, and run tests marked
-    ``last`` last, the others in their order."""
+    """Mark the ``server`` layer (every test that needs a real process of its own: a
+    browser test too, or one given a parameter named after a server fixture), keep only
+    ``--lane``'s tests when given, and run tests marked ``last`` last, the others in
+    their order."""
     for item in items:
-        if SERVER_FIXTURES.intersection(item.fixturenames) or item.get_closest_marker("browser"):
+        if (
+            SERVER_FIXTURES.intersection(item.fixturenames)
+            or item.get_closest_marker("browser")
+            or SERVER_FIXTURES.intersection(getattr(item, "callspec", EMPTY).params.values())
+        ):
             item.add_marker(pytest.mark.server)
     if lane := config.getoption("lane"):
         other = [item for item in items if lane_of(item) != lane]

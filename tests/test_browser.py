@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import CHROMIUM, ROOT
+from conftest import CHROMIUM, ROOT, running
 
-from devtools.processes import free_port, stop_tree, wait_until_healthy
+from devtools.processes import free_port
 
 TIMEOUT_MS = 120_000
 
@@ -28,29 +26,20 @@ pytestmark = [
 
 
 @contextmanager
-def running(command: list[str], port: int, health: str, **popen: Any) -> Iterator[str]:
-    """``command`` started (its output dropped), answering on 127.0.0.1:``port`` once
-    ``health`` does; its whole process tree stopped on exit."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url + health, process)
-        yield url
-    finally:
-        stop_tree(process)
-
-
-@contextmanager
 def streamlit_page(
-    server: str, data: Path, cwd: Path = ROOT, port: int | None = None
+    server: str,
+    data: Path,
+    cwd: Path = ROOT,
+    port: int | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """``streamlit run frontend/app.py`` on 127.0.0.1 against the test service, from
-    ``cwd`` (where Streamlit looks for ``.streamlit/secrets.toml``)."""
+    ``cwd`` (where Streamlit looks for ``.streamlit/secrets.toml``), with ``settings``
+    (environment variables) on top of the test's own."""
     port = port or free_port()
     env = {
         **os.environ,
+        **(settings or {}),
         "CHATBOT_URL": server,
         "CHATBOT_DATA_DIR": str(data),
         "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
@@ -69,24 +58,9 @@ def chat_page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield url
 
 
-@pytest.fixture(scope="module")
-def oidc_provider() -> Iterator[str]:
-    """A real OpenID Connect provider (oidc-provider-mock) on 127.0.0.1: its login
-    form takes any user name."""
-    port = free_port()
-    command = [sys.executable, "-m", "oidc_provider_mock", "--host", "127.0.0.1", "--port"]
-    with running([*command, str(port)], port, "/.well-known/openid-configuration") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def sign_in_page(
-    server: str, oidc_provider: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The page with sign-in configured as the README says: ``[auth]`` in
-    ``.streamlit/secrets.toml``."""
-    cwd = tmp_path_factory.mktemp("page-with-auth")
-    port = free_port()
+def with_sign_in(cwd: Path, oidc_provider: str, port: int) -> Path:
+    """``cwd`` with sign-in configured as the README says: ``[auth]`` in
+    ``.streamlit/secrets.toml``, coming back to the page on ``port``."""
     (cwd / ".streamlit").mkdir()
     (cwd / ".streamlit" / "secrets.toml").write_text(
         "[auth]\n"
@@ -95,6 +69,15 @@ def sign_in_page(
         'client_id = "chat-page"\nclient_secret = "chat-page-secret"\n'
         f'server_metadata_url = "{oidc_provider}/.well-known/openid-configuration"\n'
     )
+    return cwd
+
+
+@pytest.fixture(scope="module")
+def sign_in_page(
+    server: str, oidc_provider: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    port = free_port()
+    cwd = with_sign_in(tmp_path_factory.mktemp("page-with-auth"), oidc_provider, port)
     with streamlit_page(server, tmp_path_factory.mktemp("chat-data"), cwd, port) as url:
         yield url
 

@@ -19,6 +19,7 @@ import yaml
 from bentoml._internal.cloud.schemas.schemasv2 import CreateDeploymentSchema
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
 from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage
+from sqlalchemy import make_url
 
 from chatbot.settings import Settings
 from devtools.processes import free_port, stop_tree, wait_until_healthy
@@ -140,7 +141,7 @@ def test_keda_scales_the_service_on_its_queue_at_the_measured_concurrency():
 
 def test_restarts_and_drains_never_take_the_last_ready_replica():
     deployment = by_kind("Deployment")["service-deployment.yaml"]["spec"]
-    (budget,) = by_kind("PodDisruptionBudget").values()
+    budget = by_kind("PodDisruptionBudget")["service-pdb.yaml"]
     assert budget["spec"]["selector"] == deployment["selector"]
     least = min(
         deployment["replicas"],
@@ -269,3 +270,69 @@ def test_the_page_reads_optional_sign_in_settings_from_a_secret():
     )
     assert mounts["auth"]["mountPath"] == f"{workdir}/.streamlit"
     assert volumes["auth"]["secret"] == {"secretName": "chatbot-ui-auth", "optional": True}
+
+
+# --- the page's replicas and its database ---------------------------------------------------
+
+WITH_POSTGRES = KUBERNETES / "with-postgres"
+
+
+def page() -> dict:
+    return by_kind("Deployment")["ui-deployment.yaml"]
+
+
+def try_out_documents() -> list[dict]:
+    return list(yaml.safe_load_all((WITH_POSTGRES / "postgres.yaml").read_text()))
+
+
+def test_the_page_runs_replicas_with_no_volume_of_its_own_and_updates_rolling():
+    spec = page()["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = spec["template"]["spec"]
+    assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
+    assert by_kind("PersistentVolumeClaim") == {}
+    budget = by_kind("PodDisruptionBudget")["ui-pdb.yaml"]
+    assert budget["spec"]["selector"] == spec["selector"]
+    assert budget["spec"]["minAvailable"] < spec["replicas"]
+
+
+def test_a_browser_stays_on_one_page_replica():
+    """Streamlit keeps a tab's session, and sign-in's state, in one process."""
+    service = by_kind("Service")["ui-service.yaml"]["spec"]
+    assert service["sessionAffinity"] == "ClientIP"
+    assert service["selector"] == page()["spec"]["selector"]["matchLabels"]
+
+
+def test_the_page_takes_its_database_from_the_secret_the_try_out_overlay_makes():
+    (container,) = page()["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["CHATBOT_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert "optional" not in ref  # no database, no page: never a silent SQLite per pod
+    assert "CHATBOT_DATA_DIR" not in env
+
+    kustomization = yaml.safe_load((WITH_POSTGRES / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "postgres.yaml"]
+    secrets = {
+        generator["name"]: dict(literal.split("=", 1) for literal in generator["literals"])
+        for generator in kustomization["secretGenerator"]
+    }
+    url = make_url(secrets[ref["name"]][ref["key"]])
+    service, statefulset = try_out_documents()
+    (database,) = statefulset["spec"]["template"]["spec"]["containers"]
+    database_env = {e["name"]: e for e in database["env"]}
+    password = database_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert url.drivername == "postgresql+psycopg"  # the driver frontend/requirements.txt has
+    assert (url.host, url.port) == (
+        service["metadata"]["name"],
+        service["spec"]["ports"][0]["port"],
+    )
+    assert url.username == database_env["POSTGRES_USER"]["value"]
+    assert url.database == database_env["POSTGRES_DB"]["value"]
+    assert url.password == secrets[password["name"]][password["key"]]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_try_out_database_is_valid_kubernetes(index):
+    kubernetes_validate.validate(try_out_documents()[index], KUBERNETES_VERSION, strict=True)

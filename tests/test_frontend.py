@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from chatbot.engine import precision
 from devtools.processes import free_port
 from frontend.export import to_csv, to_json
-from frontend.store import ChatStore
+from frontend.store import ChatStore, sqlite_url
 
 APP = str(Path(__file__).resolve().parent.parent / "frontend" / "app.py")
 
@@ -122,13 +122,14 @@ def test_clear_conversation_starts_a_new_thread_and_keeps_the_old(page_env):
 
 def test_deleting_a_conversation_asks_first_then_removes_every_row(page_env):
     page = say(open_page(), "to be deleted")
-    db = ChatStore(page_env / "conversations.sqlite3")
+    path = page_env / "conversations.sqlite3"
+    db = ChatStore(sqlite_url(path))
     conversation = db.find(link(page), owner_of(page))
     assert conversation is not None
     assert any("and all its messages?" in m.value for m in page.sidebar.markdown)
     page.button(key=f"delete-{conversation}").click().run()
     assert conversation not in [c.id for c in db.conversations(owner_of(page))]
-    with sqlite3.connect(db.path) as raw:
+    with sqlite3.connect(path) as raw:
         assert raw.execute(
             "SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation,)
         ).fetchone() == (0,)
@@ -148,7 +149,7 @@ def test_a_down_service_is_explained_and_the_message_kept(page_env, server, monk
 
 
 def test_truncation_is_shown(page_env):
-    db = ChatStore(page_env / "conversations.sqlite3")
+    db = ChatStore(sqlite_url(page_env / "conversations.sqlite3"))
     conversation = db.new_conversation("browser:" + "t" * 43)
     for i in range(10):
         db.add(conversation.id, "user", f"this is a long message number {i} " * 4)
@@ -158,7 +159,7 @@ def test_truncation_is_shown(page_env):
 
 
 def test_exports_keep_every_message_and_unicode(tmp_path):
-    db = ChatStore(tmp_path / "c.sqlite3")
+    db = ChatStore(sqlite_url(tmp_path / "c.sqlite3"))
     conversation = db.new_conversation("browser:someone").id
     db.add(conversation, "user", 'Grüße, 世界 👋, "quoted", comma')
     db.add(conversation, "assistant", "line one\nline two")
@@ -194,7 +195,7 @@ def test_regenerate_replaces_the_last_reply(page_env):
     page = open_page()
     page.sidebar.radio[0].set_value("Sampling").run()
     page = say(page, "Tell me something.")
-    db = ChatStore(page_env / "conversations.sqlite3")
+    db = ChatStore(sqlite_url(page_env / "conversations.sqlite3"))
     conversation = db.find(link(page), owner_of(page))
     assert conversation is not None
     before = db.messages(conversation)
@@ -230,7 +231,7 @@ def test_a_database_from_before_owners_keeps_every_message(tmp_path):
                     "INSERT INTO messages (conversation_id, role, content, created_at)"
                     " VALUES (?, ?, ?, '2026-01-01T00:00:00+00:00')", (c, role, f"{c}-{i} ✓"),
                 )  # fmt: skip
-    db = ChatStore(path)
+    db = ChatStore(sqlite_url(path))
     assert db.claim_unowned("browser:first") == 2
     assert db.claim_unowned("browser:second") == 0
     owned = db.conversations("browser:first")
