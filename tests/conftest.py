@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -643,7 +642,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )  # fmt: skip
 
 
-EMPTY = SimpleNamespace(params={})
+def uses_a_server(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    parameters = callspec.params.values() if callspec else ()
+    return bool(
+        SERVER_FIXTURES.intersection(item.fixturenames)
+        or item.get_closest_marker("browser")
+        or any(isinstance(p, str) and p in SERVER_FIXTURES for p in parameters)
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -652,11 +658,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``--lane``'s tests when given, and run tests marked ``last`` last, the others in
     their order."""
     for item in items:
-        if (
-            SERVER_FIXTURES.intersection(item.fixturenames)
-            or item.get_closest_marker("browser")
-            or SERVER_FIXTURES.intersection(getattr(item, "callspec", EMPTY).params.values())
-        ):
+        if uses_a_server(item):
             item.add_marker(pytest.mark.server)
     if lane := config.getoption("lane"):
         other = [item for item in items if lane_of(item) != lane]
