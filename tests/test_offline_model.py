@@ -121,18 +121,3 @@ def test_stop_keeps_what_was_written_and_the_service_stops_writing(make_run, bro
     assert bubbles(page)[1] == partial
     assert "300" not in partial
     page.context.close()
-
-
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
-def test_a_reload_mid_reply_shows_what_was_written(make_run, browser):
-    page = browser.new_context().new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(make_run.page_url)
-    send(page, "Count from 1 to 300, one number per line.")
-    page.wait_for_function(WRITING)
-    seen = bubbles(page)[1].replace("stop_circle", "").replace("Stop", "").split()
-    page.reload()
-    page.wait_for_function(WRITING)  # the bubble's text, not just the bubble, is drawn
-    shown = bubbles(page)[1].split()
-    assert shown[: len(seen) - 1] == seen[:-1]  # the last word may have grown since
-    page.context.close()
