@@ -173,6 +173,12 @@ class Replica:
             stop_tree(self.process)
 
 
+def haproxy_path() -> str | None:
+    """Debian's haproxy (``make balancer``): on the PATH, or in /usr/sbin, which a
+    non-root PATH lacks."""
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+
+
 class Balancer:
     """HAProxy in front of the replicas, on its own port."""
 
@@ -183,7 +189,9 @@ class Balancer:
         ports = {f"{route}_port": port for route, port in self.ports.items()}
         config = work_dir / "haproxy.cfg"
         config.write_text(HAPROXY_CONFIG.format(stats=self.stats, servers=servers, **ports))
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        haproxy = haproxy_path()
+        if haproxy is None:
+            raise RuntimeError("haproxy is not installed (make balancer)")
         self.process = subprocess.Popen(
             [haproxy, "-f", str(config), "-db"],
             stdout=subprocess.DEVNULL, stderr=self.log.open("wb"),

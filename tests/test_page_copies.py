@@ -12,7 +12,6 @@ address for all (its cookie names its origin): HAProxy in front of both.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -35,6 +34,7 @@ from test_offline_model import aborted_replies
 
 from devtools.postgres import new_database
 from devtools.processes import free_port
+from devtools.replica_drill import haproxy_path
 from frontend.owners import COOKIE as OWNER_COOKIE
 from frontend.store import ChatStore, StoredMessage
 
@@ -102,8 +102,8 @@ backend copy_b
 @pytest.fixture(scope="module")
 def balanced(copies: tuple[Copies, str, str]) -> Iterator[str]:
     """The copies behind one address; its URL."""
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not Path(haproxy).exists():
+    haproxy = haproxy_path()
+    if haproxy is None:
         pytest.skip("Debian haproxy is not installed (make balancer)")
     setup, a, b = copies
     config = setup.cwd / "haproxy.cfg"

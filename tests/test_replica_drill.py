@@ -5,18 +5,15 @@ and the other replica serves the rest."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 from conftest import ModelStore
 
-from devtools.replica_drill import ROUTES, Drill, run_drill
+from devtools.replica_drill import ROUTES, Drill, haproxy_path, run_drill
 
 pytestmark = [
     pytest.mark.server,
     pytest.mark.skipif(
-        not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()),
+        haproxy_path() is None,
         reason="needs Debian's haproxy (make balancer)",
     ),
 ]
