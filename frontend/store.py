@@ -28,11 +28,14 @@ from typing import Literal
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    and_,
+    case,
     create_engine,
     delete,
     event,
     func,
     insert,
+    not_,
     select,
     update,
 )
@@ -186,6 +189,7 @@ class ChatStore:
                     .where(
                         messages.c.id == message_id,
                         messages.c.state == "writing",
+                        self._touched_lately(),
                         messages.c.stop_requested.is_(False),
                     )
                     .values(touched_at=time.time(), **values)
@@ -234,40 +238,41 @@ class ChatStore:
             db.execute(delete(messages).where(messages.c.id == message_id))
 
     def reply(self, message_id: int) -> StoredMessage | None:
-        """One message as stored now (None once removed), taken as stopped as in
-        ``messages`` when its writer is gone."""
+        """One message as stored now (None once removed), a reply whose writer is
+        gone read as stopped, as in ``messages``."""
         found = self._read(messages.c.id == message_id)
         return found[0] if found else None
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
         """The thread, oldest first. A reply being written that its writer has not
-        touched for ``lease_s`` is first marked stopped: its writer is gone."""
+        touched for ``lease_s`` reads as stopped: its writer is gone."""
         return self._read(messages.c.conversation_id == conversation_id)
 
     def _read(self, which: ColumnElement[bool]) -> list[StoredMessage]:
+        state = case(
+            (and_(messages.c.state == "writing", not_(self._touched_lately())), "stopped"),
+            else_=messages.c.state,
+        )
         with self.engine.begin() as db:
-            db.execute(
-                update(messages)
-                .where(
-                    which,
-                    messages.c.state == "writing",
-                    func.coalesce(messages.c.touched_at, 0) < time.time() - self.lease_s,
-                )
-                .values(state="stopped")
-            )
             rows = db.execute(
                 select(
                     messages.c.role,
                     messages.c.content,
                     messages.c.created_at,
                     messages.c.truncated,
-                    messages.c.state,
+                    state,
                     messages.c.id,
                 )
                 .where(which)
                 .order_by(messages.c.id)
             ).all()
         return [StoredMessage(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+
+    def _touched_lately(self) -> ColumnElement[bool]:
+        """Touched by its writer within the lease (a reply an older page left "writing"
+        never was): else a reply being written is taken as stopped, by readers and by
+        a writer that comes back late alike."""
+        return func.coalesce(messages.c.touched_at, 0) >= time.time() - self.lease_s
 
     def conversations(self, owner: str) -> list[ConversationSummary]:
         """``owner``'s, newest first, titled by their first user message."""
