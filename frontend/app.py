@@ -302,9 +302,10 @@ def wait_for_the_interrupted_run(db: ChatStore, timeout_s: float = 5.0) -> None:
     wait for it to be stored, so the thread shows it as it ended."""
     reply = st.session_state.pop("writing", None)
     deadline = time.monotonic() + timeout_s
-    while reply is not None and (now := db.reply(reply)) is not None and now.state == "writing":
-        if time.monotonic() > deadline:
-            break
+    while reply is not None and time.monotonic() < deadline:
+        stored = db.reply(reply)
+        if stored is None or stored.state != "writing":
+            return
         time.sleep(0.02)
 
 

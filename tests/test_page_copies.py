@@ -54,7 +54,7 @@ class Copies:
     def __init__(self, service: str, database: str, cwd: Path, data: Path) -> None:
         self.service, self.cwd, self.data = service, cwd, data
         self.settings = {"CHATBOT_DATABASE_URL": database, "CHATBOT_REPLY_LEASE_S": str(LEASE_S)}
-        self.store = ChatStore(database)  # what the copies stored, read as they read it
+        self.store = ChatStore(database, lease_s=LEASE_S)  # what they stored, as they read it
         self.front_port = free_port()
 
     def start(self, port: int) -> AbstractContextManager[str]:
