@@ -35,7 +35,12 @@ sys.path.insert(0, str(ROOT))
 from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
-from chatbot.engine.kernels import BFloat16Linear, Int4Linear, Int8Linear  # noqa: E402
+from chatbot.engine.kernels import (  # noqa: E402
+    BFloat16Linear,
+    Int4Linear,
+    Int8Linear,
+    RescoredBFloat16Linear,
+)
 from chatbot.engine.kernels.cpu import at_least, cpu_isa  # noqa: E402
 from chatbot.models.checkpoint import fingerprint, save_checkpoint  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
@@ -118,7 +123,11 @@ def greedy_ids(engine: ChatEngine, chats: list[list[dict[str, str]]]) -> list[li
 _F32 = torch.float32
 VARIANTS = {
     "int8, LM head too": precision.Precision("int8", _F32, Int8Linear, Int8Linear),
+    "int8, LM head float32": precision.Precision("int8", _F32, Int8Linear),
     "int4, LM head float32": precision.Precision("int4", _F32, Int4Linear),
+    "int4, LM head bfloat16 rescored": precision.Precision(
+        "int4", _F32, Int4Linear, RescoredBFloat16Linear
+    ),
     "int4, LM head bfloat16": precision.Precision("int4", _F32, Int4Linear, BFloat16Linear),
     "int4, LM head too": precision.Precision("int4", _F32, Int4Linear, Int4Linear),
 }

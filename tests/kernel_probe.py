@@ -1,8 +1,9 @@
 """Run by tests/test_kernels.py in a fresh process, under one ``ONEDNN_MAX_CPU_ISA``
 (oneDNN reads it once, at its first kernel; ATen's own kernels, int4's, are capped by
 ``ATEN_CPU_CAPABILITY``): for every kernel this instruction set can
-run, the row counts whose rows come out different from the same rows in a 64-row call,
-and the largest error of int8 against exact integer arithmetic. Prints one JSON object.
+run, the row counts whose rows come out different from the same rows in a 64-row call
+(or whose columns differ from the same columns of a smaller matrix), and the largest
+error of int8 against exact integer arithmetic. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from chatbot.engine.kernels import (
     Int4Linear,
     Int8Linear,
     PackedLinear,
+    Rescored,
     RescoredBFloat16Linear,
+    RescoredInt8Linear,
 )
 from chatbot.engine.kernels.bfloat16 import run_without_amx
 from chatbot.engine.kernels.cpu import cpu_isa
@@ -33,6 +36,24 @@ def rows_that_differ(layer: PackedLinear, batch: torch.Tensor) -> list[str]:
     if not torch.equal(layer(batch.flip(0)), together.flip(0)):
         differ.append("reversed")
     return differ
+
+
+def columns_that_differ(kernel: type[PackedLinear], linear: nn.Linear, batch: torch.Tensor):
+    """Row counts at which ``linear``'s first 256 outputs differ from the same outputs
+    of a layer of their own: stacked projections (``kernels.fused``) rely on a
+    column's result depending on its own weights alone."""
+    part = nn.Linear(linear.in_features, 256)
+    part.weight.copy_(linear.weight[:256])
+    part.bias.copy_(linear.bias[:256])
+    if issubclass(kernel, Rescored):  # a head: the columns it rescores depend on the rest
+        return []
+    whole, alone = kernel(linear), kernel(part)
+    counts = (1, 2, 7, 64)
+    return [
+        f"stacked {n}"
+        for n in counts
+        if not torch.equal(whole(batch[:n])[:, :256], alone(batch[:n]))
+    ]
 
 
 def int8_error(linear: nn.Linear, x: torch.Tensor) -> float:
@@ -53,12 +74,15 @@ def main() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(5120, 1280)  # 5120 inputs: where AMX's bfloat16 sums vary most
     batch = torch.randn(64, 5120)
-    kernels: list[type[PackedLinear]] = [Float32Linear, Int8Linear, Int4Linear]
+    kernels: list[type[PackedLinear]] = [Float32Linear, Int8Linear, RescoredInt8Linear, Int4Linear]
     if "--bfloat16" in sys.argv:
         run_without_amx()
         kernels = [BFloat16Linear, RescoredBFloat16Linear]
     with torch.inference_mode():
-        differ = {k.__name__: rows_that_differ(k(linear), batch) for k in kernels}
+        differ = {
+            k.__name__: rows_that_differ(k(linear), batch) + columns_that_differ(k, linear, batch)
+            for k in kernels
+        }
         # Every weight and input at its extreme: the worst case for 16-bit pair sums.
         extreme = nn.Linear(256, 64)
         extreme.weight.copy_(torch.where(torch.rand(64, 256) < 0.5, -1.0, 1.0))

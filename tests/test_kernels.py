@@ -21,12 +21,15 @@ from chatbot.engine.kernels import (
     Float32Linear,
     Int4Linear,
     Int8Linear,
+    PackedLinear,
     RescoredBFloat16Linear,
+    RescoredInt8Linear,
     replace_linear_layers,
     skip_redundant_rows,
 )
 from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX
-from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.cpu import LEVELS, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.fused import ProjectionPart, SharedProduct, fuse_projections
 from chatbot.engine.kernels.int4 import dequantize_groups, quantize_groups
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
@@ -48,7 +51,12 @@ def test_every_kernel_keeps_rows_independent_under_every_instruction_set(
     found, *bfloat16 = kernel_probes.result()[level]  # probed in the background
     assert found["isa"] == level
     assert (found["aten"] == "AVX2") == level.startswith("avx2")
-    assert set(found["differ"]) == {"Float32Linear", "Int8Linear", "Int4Linear"}
+    assert set(found["differ"]) == {
+        "Float32Linear",
+        "Int8Linear",
+        "RescoredInt8Linear",
+        "Int4Linear",
+    }
     assert all(rows == [] for rows in found["differ"].values()), found["differ"]
     for capped_below_amx in bfloat16:
         assert capped_below_amx["isa"] == min(level, WITHOUT_AMX, key=LEVELS.index)
@@ -77,10 +85,14 @@ def test_cpu_flags_name_the_levels():
     assert level_of(cpu_flags()) is not None or cpu_isa() is None
 
 
-KERNELS = [Float32Linear, Int8Linear, BFloat16Linear, RescoredBFloat16Linear, Int4Linear]
+KERNELS = [
+    Float32Linear, Int8Linear, RescoredInt8Linear, BFloat16Linear, RescoredBFloat16Linear,
+    Int4Linear,
+]  # fmt: skip
 TOLERANCE = {
     Float32Linear: 1e-5,
     Int8Linear: 0.03,
+    RescoredInt8Linear: 0.03,
     BFloat16Linear: 0.03,
     RescoredBFloat16Linear: 0.03,
     Int4Linear: 0.15,
@@ -144,9 +156,11 @@ def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoin
     stock = ChatEngine.load(tiny_checkpoint, "stock", pack_weights=False, dtype="float32")
     packed = ChatEngine.load(tiny_checkpoint, "packed", dtype="float32")
     assert not any(type(m) is nn.Linear for m in packed.model.modules())
-    assert sum(type(m) is Float32Linear for m in packed.model.modules()) == sum(
-        type(m) is nn.Linear for m in stock.model.modules()
+    # Projections of one input share a product (kernels.fused): every weight is there.
+    assert sum(m.out_features for m in packed.model.modules() if type(m) is Float32Linear) == sum(
+        m.out_features for m in stock.model.modules() if type(m) is nn.Linear
     )
+    assert any(type(m) is ProjectionPart for m in packed.model.modules())
     inputs = {
         "input_ids": torch.tensor([[5, 17, 42, 2]]),
         "decoder_input_ids": torch.tensor([[1, 9]]),
@@ -155,6 +169,41 @@ def test_the_engine_packs_every_linear_layer_and_keeps_the_logits(tiny_checkpoin
         torch.testing.assert_close(
             packed.model(**inputs).logits, stock.model(**inputs).logits, rtol=1e-4, atol=1e-4
         )
+
+
+def attention_projections(inputs: int = 32) -> nn.Module:
+    attention = nn.Module()
+    attention.q_proj, attention.k_proj, attention.v_proj = (
+        nn.Linear(inputs, outputs) for outputs in (32, 16, 16)
+    )
+    return attention
+
+
+def test_stacked_projections_each_give_their_own_product_and_keep_nothing():
+    torch.manual_seed(0)
+    attention, x, y = attention_projections(), torch.randn(3, 32), torch.randn(2, 32)
+    names = ("q_proj", "k_proj", "v_proj")
+    with torch.inference_mode():
+        expected = {name: getattr(attention, name)(x) for name in names}
+        k_of_y = attention.k_proj(y)
+        assert fuse_projections(attention) == 1
+        assert {type(getattr(attention, name)) for name in names} == {ProjectionPart}
+        shared: SharedProduct = attention.q_proj.shared
+        for name in names:
+            torch.testing.assert_close(getattr(attention, name)(x), expected[name])
+        assert shared._last.parts is None  # every part taken: a long prompt's is not kept
+        torch.testing.assert_close(attention.k_proj(y), k_of_y)  # another input: anew
+        torch.testing.assert_close(attention.k_proj(x), expected["k_proj"])  # asked again
+
+
+def test_cross_attention_stacks_only_the_keys_and_values():
+    """Its queries read the decoder's state, its keys and values the encoded prompt."""
+    model = nn.Module()
+    model.encoder_attn, model.self_attn = attention_projections(), attention_projections()
+    assert fuse_projections(model) == 2
+    assert type(model.encoder_attn.q_proj) is nn.Linear
+    assert type(model.encoder_attn.k_proj) is ProjectionPart
+    assert type(model.self_attn.q_proj) is ProjectionPart
 
 
 def test_packing_leaves_other_dtypes_alone():
@@ -166,24 +215,39 @@ def test_packing_leaves_other_dtypes_alone():
 
 @pytest.mark.parametrize(
     ("dtype", "body", "head"),
-    [("int8", Int8Linear, Float32Linear),
-     ("int4", Int4Linear,
-      RescoredBFloat16Linear if at_least("avx512_core_bf16") else Float32Linear)],
+    [("int8", Int8Linear, RescoredInt8Linear), ("int4", Int4Linear, RescoredInt8Linear)],
 )  # fmt: skip
 def test_the_lm_head_keeps_float32_logits(tiny_checkpoint: Path, dtype, body, head):
     """A lower-precision head would round the logits themselves (precision.LM_HEAD)."""
     engine = ChatEngine.load(tiny_checkpoint, dtype, dtype=dtype)
     kinds = {name: type(m) for name, m in engine.model.named_modules()}
     assert kinds["lm_head"] is head
-    assert {kind for name, kind in kinds.items() if name.endswith("_proj")} == {body}
+    assert {kind for name, kind in kinds.items() if name.endswith(".product")} == {body}
+    assert {kind for name, kind in kinds.items() if name.endswith("out_proj")} == {body}
     assert not any(kind is nn.Linear for kind in kinds.values())
     assert (engine.info().dtype, engine.info().cpu_isa) == (dtype, cpu_isa())
 
 
 def test_packing_governs_only_the_layers_left_in_float32(tiny_checkpoint: Path):
     unpacked = ChatEngine.load(tiny_checkpoint, "int8", dtype="int8", pack_weights=False)
-    assert type(unpacked.model.lm_head) is nn.Linear
+    assert type(unpacked.model.lm_head) is RescoredInt8Linear
     assert type(unpacked.model.model.encoder.layers[0].fc1) is Int8Linear
+    assert not any(type(m) is Float32Linear for m in unpacked.model.modules())
+    stock = ChatEngine.load(tiny_checkpoint, "float32", dtype="float32", pack_weights=False)
+    assert not any(isinstance(m, (PackedLinear, ProjectionPart)) for m in stock.model.modules())
+
+
+@pytest.mark.parametrize("kernel", [RescoredInt8Linear, RescoredBFloat16Linear])
+def test_a_rescored_head_gives_its_best_candidates_float32_logits(kernel):
+    if issubclass(kernel, BFloat16Linear) and "512" not in (cpu_isa() or ""):
+        pytest.skip("bfloat16 needs AVX-512")
+    torch.manual_seed(0)
+    head, x = nn.Linear(64, 500, bias=False), torch.randn(3, 64)
+    with torch.inference_mode():
+        exact, got = head(x), kernel(head)(x)
+    best = got.topk(kernel.RESCORED, dim=1).indices
+    torch.testing.assert_close(got.gather(1, best), exact.gather(1, best), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got.argmax(dim=1), exact.argmax(dim=1))
 
 
 def test_int4_takes_only_layers_of_whole_blocks():

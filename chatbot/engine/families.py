@@ -29,6 +29,7 @@ from transformers import (
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from chatbot.engine.kv_cache import ReplyCache
+from chatbot.engine.llama_step import LlamaStep
 from chatbot.engine.model_step import DecoderOnlyStep, EncoderDecoderStep, ModelStep
 from chatbot.prompts.blenderbot import EncodedConversation, encode_conversation
 from chatbot.prompts.chat_template import encode_chat, encode_text
@@ -213,7 +214,8 @@ class DecoderOnly(Family):
         return prompt
 
     def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
-        return DecoderOnlyStep(model, positions=window + max_new_tokens)
+        step = LlamaStep if LlamaStep.fits(model) else DecoderOnlyStep
+        return step(model, positions=window + max_new_tokens)
 
 
 ENCODER_DECODER: Family = EncoderDecoder()

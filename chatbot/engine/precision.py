@@ -10,7 +10,7 @@ cache stay float32. On a GPU the whole model is cast.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -21,27 +21,24 @@ from chatbot.engine.kernels import (
     Int4Linear,
     Int8Linear,
     PackedLinear,
-    RescoredBFloat16Linear,
+    RescoredInt8Linear,
     replace_linear_layers,
 )
 from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX, run_without_amx
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
+from chatbot.engine.kernels.fused import fuse_projections
 
 logger = logging.getLogger(__name__)
 
 LM_HEAD = frozenset({"lm_head"})
 """The layer a precision's body kernel leaves to its head kernel. The LM head decides
 which token comes next: rounding its logits changes greedy replies soonest (issue 22
-saw an int4 head change a SmolLM2 reply after a dozen tokens), while it is one layer of
-many (4% of a Blenderbot-400M decode step's multiplies; but half of SmolLM2's, whose
-49,152-word head is as large as its 30 layers together). A head in bfloat16 or int8
-measured close in perplexity (+0.0%, +0.9% for int4's body), but rounds the logits
-themselves (bfloat16 outputs step by 0.125 at a logit of 25), which ties close
-candidates: SmolLM2's greedy first token for "What is the capital of France?" ("The",
-0.08 ahead of "L") flipped, and the reply with it. So the head stays float32, or (int4,
-where bfloat16 is native) reads bfloat16 weights and rescores its best candidates in
-float32 (``RescoredBFloat16Linear``): float32's logits where decoding looks, at half
-the bytes."""
+saw an int4 head change a SmolLM2 reply after a dozen tokens), while it is the largest
+matrix a decoder-only step reads (SmolLM2's 49,152-word head is as large as its 30
+layers together). So ``int4`` and ``int8`` read it in int8 and compute each row's best
+candidates again in float32 (``RescoredInt8Linear``): float32's logits where decoding
+looks, at a quarter of the bytes, and fast at 32 rows too (ATen's int4 kernel is not).
+float32 and bfloat16 keep a float32 head."""
 
 
 class UnsupportedPrecision(ValueError):
@@ -67,8 +64,8 @@ FLOAT32 = Precision("float32", torch.float32)
 CPU_PRECISIONS = {
     "float32": FLOAT32,
     "bfloat16": Precision("bfloat16", torch.float32, BFloat16Linear),
-    "int8": Precision("int8", torch.float32, Int8Linear),
-    "int4": Precision("int4", torch.float32, Int4Linear, head=RescoredBFloat16Linear),
+    "int8": Precision("int8", torch.float32, Int8Linear, head=RescoredInt8Linear),
+    "int4": Precision("int4", torch.float32, Int4Linear, head=RescoredInt8Linear),
     "float16": Precision("float16", torch.float16),  # stock layers: no fast CPU kernel
 }
 
@@ -107,8 +104,6 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     precision = CPU_PRECISIONS[name]
     if precision.kernel is BFloat16Linear:
         _check_bfloat16()
-    if precision.head is RescoredBFloat16Linear and not at_least("avx512_core_bf16"):
-        precision = replace(precision, head=None)  # emulated bfloat16: float32 is faster
     return precision
 
 
@@ -154,13 +149,18 @@ def _check_bfloat16() -> None:
         )
 
 
-def apply(model: PreTrainedModel, precision: Precision, pack_weights: bool) -> int:
+def apply(
+    model: PreTrainedModel, precision: Precision, pack_weights: bool, fuse: bool = True
+) -> int:
     """Give a CPU model's linear layers the precision's kernel (all but the
     ``LM_HEAD``), the rest its head kernel, and the layers left in float32 oneDNN's
-    packed float32 kernel when ``pack_weights``. Returns how many layers were replaced
-    (0 on a GPU)."""
+    packed float32 kernel when ``pack_weights``; projections that read the same input
+    are stacked into one layer first (``fuse_projections``; ``fuse``), unless the
+    model is to keep its stock layers. Returns how many layers were replaced (0 on a GPU)."""
     if not torch.backends.mkldnn.is_available() or model.device.type != "cpu":
         return 0
+    if fuse and (pack_weights or precision.kernel is not None):
+        fuse_projections(model)
     replaced = 0
     if precision.kernel is not None:
         replaced += replace_linear_layers(model, precision.kernel, keep=LM_HEAD)

@@ -11,13 +11,17 @@ Model code never asks which one runs. ``chatbot.engine.precision`` picks one per
 | ``BFloat16Linear`` | bfloat16, oneDNN-packed | rounded to bfloat16 |
 | ``Int8Linear`` | int8, a scale per output channel | int8, a scale per row |
 | ``Int4Linear`` | 4 bits, a minimum and step per 32 inputs | rounded to bfloat16 |
+| ``RescoredInt8Linear`` (LM head) | int8; float32 for the best candidates | int8; float32 |
 | ``RescoredBFloat16Linear`` (LM head) | bfloat16; float32 for the best candidates | float32 |
+
+Projections that read the same input share one stacked product (``fused``).
 """
 
-from chatbot.engine.kernels.bfloat16 import BFloat16Linear, RescoredBFloat16Linear
+from chatbot.engine.kernels.bfloat16 import BFloat16Linear
 from chatbot.engine.kernels.float32 import Float32Linear
 from chatbot.engine.kernels.int4 import Int4Linear
 from chatbot.engine.kernels.int8 import Int8Linear
+from chatbot.engine.kernels.rescored import Rescored, RescoredBFloat16Linear, RescoredInt8Linear
 from chatbot.engine.kernels.rows import PackedLinear, replace_linear_layers, skip_redundant_rows
 
 __all__ = [
@@ -26,7 +30,9 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "PackedLinear",
+    "Rescored",
     "RescoredBFloat16Linear",
+    "RescoredInt8Linear",
     "replace_linear_layers",
     "skip_redundant_rows",
 ]

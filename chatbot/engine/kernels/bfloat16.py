@@ -55,30 +55,3 @@ class BFloat16Linear(PackedLinear):
         )
         out = out.float()
         return out if self.bias is None else out.add_(self.bias)
-
-
-class RescoredBFloat16Linear(BFloat16Linear):
-    """An LM head: bfloat16 for the whole vocabulary, float32 for the candidates.
-
-    oneDNN's bfloat16 product returns bfloat16, whose steps near a logit of 25 are
-    0.125: close candidates tie, and greedy decoding then picks by index, not by the
-    model (SmolLM2's "The" was 0.08 ahead of "L" and lost). So each row's ``RESCORED``
-    best bfloat16 logits are computed again in float32 from the float32 weights
-    (shared with a tied embedding, not copied), row by row: the tokens any decoding
-    can pick get float32 logits, at half the weight bytes of a float32 head.
-    """
-
-    kernel = "onednn bfloat16, best candidates rescored in float32"
-    RESCORED = 32
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__(linear)
-        self.weight = linear.weight.detach()
-
-    def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
-        out = super()._multiply(rows)
-        best = out.topk(min(self.RESCORED, self.out_features), dim=1).indices
-        exact = (self.weight[best] * rows[:, None, :]).sum(dim=-1)
-        if self.bias is not None:
-            exact += self.bias[best]
-        return out.scatter_(1, best, exact)
