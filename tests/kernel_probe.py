@@ -38,16 +38,16 @@ def rows_that_differ(layer: PackedLinear, batch: torch.Tensor) -> list[str]:
     return differ
 
 
-def columns_that_differ(kernel: type[PackedLinear], linear: nn.Linear, batch: torch.Tensor):
-    """Row counts at which ``linear``'s first 256 outputs differ from the same outputs
-    of a layer of their own: stacked projections (``kernels.fused``) rely on a
-    column's result depending on its own weights alone."""
+def columns_that_differ(whole: PackedLinear, linear: nn.Linear, batch: torch.Tensor):
+    """Row counts at which ``whole`` (``linear`` in some kernel) gives its first 256
+    outputs otherwise than the same kernel on those outputs' weights alone: stacked
+    projections (``kernels.fused``) rely on a column depending on its own weights only."""
+    if isinstance(whole, Rescored):  # a head: the columns it rescores depend on the rest
+        return []
     part = nn.Linear(linear.in_features, 256)
     part.weight.copy_(linear.weight[:256])
     part.bias.copy_(linear.bias[:256])
-    if issubclass(kernel, Rescored):  # a head: the columns it rescores depend on the rest
-        return []
-    whole, alone = kernel(linear), kernel(part)
+    alone = type(whole)(part)
     counts = (1, 2, 7, 64)
     return [
         f"stacked {n}"
@@ -79,9 +79,11 @@ def main() -> None:
         run_without_amx()
         kernels = [BFloat16Linear, RescoredBFloat16Linear]
     with torch.inference_mode():
+        layers = [kernel(linear) for kernel in kernels]
         differ = {
-            k.__name__: rows_that_differ(k(linear), batch) + columns_that_differ(k, linear, batch)
-            for k in kernels
+            type(layer).__name__: rows_that_differ(layer, batch)
+            + columns_that_differ(layer, linear, batch)
+            for layer in layers
         }
         # Every weight and input at its extreme: the worst case for 16-bit pair sums.
         extreme = nn.Linear(256, 64)

@@ -26,8 +26,9 @@ from torch import nn
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Projections that read the same input, in Llama's and Blenderbot's naming."""
 CROSS_ATTENTION = "encoder_attn"
-"""Blenderbot's cross-attention: only its keys and values read the same input (the
-encoded prompt); its queries read the decoder's state."""
+CROSS_ATTENTION_GROUPS = (("k_proj", "v_proj"),)
+"""Blenderbot's cross-attention (``CROSS_ATTENTION``): only its keys and values read the
+same input (the encoded prompt); its queries read the decoder's state."""
 
 
 class SharedProduct(nn.Module):
@@ -83,7 +84,7 @@ def fuse_projections(model: nn.Module) -> int:
     the same input (``GROUPS``) into one ``SharedProduct``. Returns how many groups."""
     fused = 0
     for name, module in list(model.named_modules()):
-        groups = (GROUPS[0][1:],) if name.endswith(CROSS_ATTENTION) else GROUPS
+        groups = CROSS_ATTENTION_GROUPS if name.endswith(CROSS_ATTENTION) else GROUPS
         for names in groups:
             linears = [getattr(module, child, None) for child in names]
             if _stackable(linears):
