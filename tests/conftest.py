@@ -616,7 +616,7 @@ def assert_in_server_layer() -> None:
 # (``--lane``, scripts/test_lanes.sh), each mostly one process waiting on another: the
 # tests on the shared servers, and those that need processes of their own (builds, the
 # benchmark, ``make run``, model imports). Each process starts only its own lane's
-# servers. The soak runs after both, alone (see the script).
+# servers. The soak is the shared lane's last test (see the script).
 LANES = ("shared-servers", "own-processes")
 OWN_PROCESS_MODULES = frozenset(
     {

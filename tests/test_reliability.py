@@ -201,6 +201,7 @@ def test_a_request_past_the_timeout_gets_504_and_the_service_goes_on(guarded):
 
 
 @pytest.mark.soak
+@pytest.mark.last  # the shared lane's servers have served every other test by then
 def test_memory_stays_flat_under_long_varied_load(served: Served, chat_model: Served, request):
     """benchmarks/memory.py's traffic: varied lengths and histories,
     greedy, sampled and beam replies, whole and streamed, clients that leave mid-stream,
