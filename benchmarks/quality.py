@@ -9,7 +9,10 @@ For each precision the CPU offers (``chatbot.engine.precision``):
 
 * **perplexity** of the replies of held-out chitchat-dataset conversations (the last
   ones of the data set; the benchmark and the tiny tokenizers use the first ones),
-  each reply given the turns before it, teacher-forced through the served model code;
+  each reply given the turns before it, teacher-forced through the served model code:
+  a decoder-only model's prompt as the service computes it, then the reply's positions
+  as its decode steps do (int4: prompts through bfloat16 where native, steps through
+  the 4-bit kernel, ``kernels.int4``; Blenderbot's whole pass through the 4-bit kernel);
 * **greedy agreement** with float32: of ``--replies`` greedy replies (32 new tokens,
   decoded by the decode loop, as the service does), how many are token for token
   float32's, and how many tokens they share before the first difference.
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import chitchat_dataset
 import torch
+from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,9 +43,12 @@ from chatbot.engine.kernels import (  # noqa: E402
     BFloat16Linear,
     Int4Linear,
     Int8Linear,
+    PackedLinear,
     RescoredBFloat16Linear,
+    RescoredInt8Linear,
 )
 from chatbot.engine.kernels.cpu import at_least, cpu_isa  # noqa: E402
+from chatbot.engine.kernels.int4 import four_bits_throughout  # noqa: E402
 from chatbot.models.checkpoint import fingerprint, save_checkpoint  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
 from chatbot.schemas import ChatRequest, Message  # noqa: E402
@@ -87,12 +94,20 @@ def reply_nll(engine: ChatEngine, chat: list[dict[str, str]]) -> tuple[float, in
         if is_seq2seq:
             start = torch.tensor([[model.generation_config.decoder_start_token_id]])
             decoder_inputs = torch.cat([start, target[:, :-1]], dim=1)
-            logits = model(
-                input_ids=torch.tensor([prompt]), decoder_input_ids=decoder_inputs
-            ).logits
+            with four_bits_throughout():
+                logits = model(
+                    input_ids=torch.tensor([prompt]), decoder_input_ids=decoder_inputs
+                ).logits
         else:
-            ids = torch.cat([torch.tensor([prompt]), target], dim=1)
-            logits = model(input_ids=ids).logits[:, len(prompt) - 1 : -1]
+            # The prompt as the service computes it, then the reply's positions as its
+            # decode steps do (``kernels.int4``: prompts bfloat16, steps 4-bit).
+            cache = DynamicCache(config=model.config)
+            logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache).logits
+            logits = logits[:, -1:]
+            if target.shape[1] > 1:
+                with four_bits_throughout():
+                    rest = model(input_ids=target[:, :-1], past_key_values=cache).logits
+                logits = torch.cat([logits, rest], dim=1)
     nll = torch.nn.functional.cross_entropy(logits[0].float(), target[0], reduction="sum")
     return float(nll), target.shape[1]
 
@@ -120,8 +135,18 @@ def greedy_ids(engine: ChatEngine, chats: list[list[dict[str, str]]]) -> list[li
     return asyncio.run(decode())
 
 
+class Int4LinearPromptsToo(Int4Linear):
+    """int4 before prompts went to bfloat16 (``kernels.int4``): 4 bits for every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return PackedLinear.forward(self, x)
+
+
 _F32 = torch.float32
 VARIANTS = {
+    "int4, prompts in 4 bits too": precision.Precision(
+        "int4", _F32, Int4LinearPromptsToo, RescoredInt8Linear
+    ),
     "int8, LM head too": precision.Precision("int8", _F32, Int8Linear, Int8Linear),
     "int8, LM head float32": precision.Precision("int8", _F32, Int8Linear),
     "int4, LM head float32": precision.Precision("int4", _F32, Int4Linear),

@@ -28,9 +28,9 @@ from chatbot.engine.kernels import (
     skip_redundant_rows,
 )
 from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX
-from chatbot.engine.kernels.cpu import LEVELS, capped, cpu_flags, cpu_isa, level_of
+from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels.fused import ProjectionPart, SharedProduct, fuse_projections
-from chatbot.engine.kernels.int4 import dequantize_groups, quantize_groups
+from chatbot.engine.kernels.int4 import dequantize_groups, four_bits_throughout, quantize_groups
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
 
@@ -132,6 +132,30 @@ def test_int4_multiplies_by_its_4_bit_weights_and_gives_4_bit_weights_back():
         got = Int4Linear(linear)(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0.01 * float(expected.abs().max()))
     assert torch.equal(dequantize_groups(*quantize_groups(weights)), weights)
+
+
+def test_int4_multiplies_prompts_in_bfloat16_where_native_and_decode_steps_in_4_bits():
+    """A prompt (several positions per sequence) goes to a bfloat16 kernel of the same
+    4-bit weights where the CPU multiplies bfloat16 natively, else to the 4-bit kernel;
+    a decode step (one position) always to the 4-bit kernel; ``four_bits_throughout``
+    sends prompts to the 4-bit kernel too."""
+    torch.manual_seed(0)
+    layer = Int4Linear(nn.Linear(96, 160))
+    prompt, step = torch.randn(2, 7, 96), torch.randn(3, 1, 96)
+    with torch.inference_mode():
+        in_four_bits = layer._product(prompt)
+        assert torch.equal(layer(step), layer._product(step))
+        assert torch.equal(layer(step[:, 0]), layer._product(step[:, 0]))
+        with four_bits_throughout():
+            assert torch.equal(layer(prompt), in_four_bits)
+        if not at_least("avx512_core_bf16"):
+            assert layer.prompts is None
+            assert torch.equal(layer(prompt), in_four_bits)
+            return
+        assert layer.prompts is not None
+        assert torch.equal(layer(prompt), layer.prompts(prompt))
+        scale = float(in_four_bits.abs().max())  # the same weights and inputs, summed apart
+        torch.testing.assert_close(layer(prompt), in_four_bits, rtol=0, atol=0.01 * scale)
 
 
 def test_a_long_input_goes_in_slices_with_the_same_result():

@@ -108,10 +108,11 @@ def attend_by_run(
     activation's rounding), so a reply would depend on the replies beside it. These are
     the calls ``generate`` makes for each reply alone; measured no slower than the
     masked call."""
-    return torch.cat([
+    outs = [
         attend(query[run.rows], keys[run.rows, :, : run.length], values[run.rows, :, : run.length])
         for run in runs
-    ])  # fmt: skip
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 PER_REPLY = "chatbot_per_reply"
@@ -209,6 +210,7 @@ class EncoderDecoderStep(ModelStep):
         prompt_lengths = self.prompt_lengths[:n]
         prompt_width = int(prompt_lengths.max())
         prompt_runs = _runs(prompt_lengths.tolist(), replies)
+        at = self.slots.at(positions)
         for index, layer in enumerate(decoder.layers):
             attention = layer.self_attn
             states = layer.self_attn_layer_norm(hidden)
@@ -216,7 +218,7 @@ class EncoderDecoderStep(ModelStep):
                 self._heads(attention.k_proj(states)),
                 self._heads(attention.v_proj(states)),
             )
-            self.slots.write(index, positions, keys, values)
+            self.slots.write(index, at, keys, values)
             keys, values = self.slots.view(index, n, width)
             hidden = hidden + self._attend(attention, states, keys, values, own_runs)
             cross = layer.encoder_attn
@@ -242,10 +244,10 @@ class _RowsCache(Cache):
 
     def __init__(self, slots: RowSlots, positions: torch.Tensor, width: int) -> None:
         super().__init__(layers=[])
-        self.slots, self.positions, self.width = slots, positions, width
+        self.slots, self.at, self.width = slots, slots.at(positions), width
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.slots.write(layer_idx, self.positions, key_states, value_states)
+        self.slots.write(layer_idx, self.at, key_states, value_states)
         return self.slots.view(layer_idx, key_states.shape[0], self.width)
 
 

@@ -60,10 +60,21 @@ class RowSlots:
         self.keys = [self._empty(0, 0) for _ in self.keys]
         self.values = [self._empty(0, 0) for _ in self.values]
 
-    def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-        """Store one new position per row: ``keys``/``values`` are (n, heads, 1, dim)
-        for rows 0..n-1, at each row's own position."""
-        rows = torch.arange(keys.shape[0], device=self.device)
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``write`` stores a step's new position of rows 0..n-1 (``positions``
+        has one per row): made once per step, for every layer."""
+        return torch.arange(positions.shape[0], device=self.device), positions
+
+    def write(
+        self,
+        layer: int,
+        at: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> None:
+        """Store one new position per row (``at``): ``keys``/``values`` are (n, heads,
+        1, dim) for rows 0..n-1."""
+        rows, positions = at
         self.keys[layer][rows, :, positions] = keys[:, :, 0]
         self.values[layer][rows, :, positions] = values[:, :, 0]
 

@@ -14,13 +14,34 @@ alone, so a row's result does not depend on the rows beside it
 (``tests/test_kernels.py``). Its vectorized path takes bfloat16 rows (float16 and
 float32 rows take a scalar path 20x slower here), so inputs are rounded to bfloat16 as
 ``BFloat16Linear`` rounds them, and its bfloat16 outputs are widened to float32 again.
+
+Row by row is what a decode step wants (a few rows, each reading every weight once)
+and what a prompt does not: 300 prompt positions of SmolLM2 took 598 ms through it on
+a 2-core Xeon (``benchmarks/prompt_time.py``), and a conversation waits for its whole
+prompt before its first token. So where the CPU multiplies bfloat16 natively
+(AVX512_BF16, AMX), a call with more than one position per sequence, (batch,
+positions > 1, features), which only a prompt makes (a decoder-only prompt, the
+encoder, Blenderbot's cross-attention keys and values), goes to a ``BFloat16Linear``
+of the same 4-bit weights: the same bfloat16 inputs times the same weights, summed by
+oneDNN's matrix kernels (AMX where the CPU has it) instead of row by row. Decode steps
+(one position per sequence) always take the 4-bit kernel. A reply is computed alike
+alone or beside others in the decode loop, which runs each prompt alone: the kernel a
+prompt's rows get depends only on its own length. (An int8 prompt kernel was as fast
+but cost 2.4% perplexity: its per-row activation scales are what cost the ``int8``
+precision its quality.) ``four_bits_throughout`` sends every call to the 4-bit kernel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
+from chatbot.engine.kernels.bfloat16 import BFloat16Linear
+from chatbot.engine.kernels.cpu import at_least
 from chatbot.engine.kernels.rows import PackedLinear
 
 GROUP = 32
@@ -50,6 +71,19 @@ def dequantize_groups(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> to
     return (groups * step[..., None] + middle[..., None]).reshape(out_features, in_features)
 
 
+_prompt_kernel_on: ContextVar[bool] = ContextVar("prompt_kernel_on", default=True)
+
+
+@contextmanager
+def four_bits_throughout() -> Iterator[None]:
+    """Every ``Int4Linear`` call through the 4-bit kernel, prompts too."""
+    token = _prompt_kernel_on.set(False)
+    try:
+        yield
+    finally:
+        _prompt_kernel_on.reset(token)
+
+
 class Int4Linear(PackedLinear):
     kernel = "aten int4 weight-only, groups of 32"
 
@@ -61,6 +95,27 @@ class Int4Linear(PackedLinear):
         super().__init__(linear)
         codes, self.scales_and_zeros = quantize_groups(linear.weight.detach())
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.prompts = self._prompt_kernel(codes) if at_least("avx512_core_bf16") else None
+
+    def _prompt_kernel(self, codes: torch.Tensor) -> BFloat16Linear:
+        four_bit = nn.utils.skip_init(
+            nn.Linear, self.in_features, self.out_features, bias=self.bias is not None
+        )
+        with torch.no_grad():
+            four_bit.weight.copy_(dequantize_groups(codes, self.scales_and_zeros))
+            if self.bias is not None:
+                four_bit.bias.copy_(self.bias)
+        return BFloat16Linear(four_bit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prompt = x.dim() == 3 and x.shape[1] > 1
+        if prompt and self.prompts is not None and _prompt_kernel_on.get():
+            return self.prompts(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        prompts = "; prompts: onednn bfloat16 of the same weights" if self.prompts else ""
+        return super().extra_repr() + prompts
 
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch._weight_int4pack_mm_for_cpu(  # the C++ binding: no dispatch in Python

@@ -144,8 +144,10 @@ class PackedLinear(nn.Module, ABC):
         """``x @ W.T + b``, handed to the kernel in slices of at most
         ``MAX_ROWS_PER_CALL`` rows, each rounded up to a bucket (``row_bucket``), so
         that its kernel cache stays bounded whatever the batch and prompt lengths."""
+        if x.dim() == 2 and x.shape[0] <= MAX_ROWS_PER_CALL:  # LlamaStep's rows: no reshape
+            return self._bucketed(x)
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= MAX_ROWS_PER_CALL:  # every decode step: no list, no split
+        if rows.shape[0] <= MAX_ROWS_PER_CALL:  # other decode steps: no list, no split
             out = self._bucketed(rows)
         else:
             out = torch.cat([self._bucketed(part) for part in rows.split(MAX_ROWS_PER_CALL)])
