@@ -23,12 +23,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import checkpoint_of  # noqa: E402
+from benchmarks.step_variants import load  # noqa: E402
 from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.kernels.cpu import at_least  # noqa: E402
 from chatbot.engine.kernels.int4 import four_bits_throughout  # noqa: E402
@@ -48,8 +48,7 @@ def main() -> None:
         raise SystemExit("no native bfloat16 here (AVX512_BF16, AMX): int4 prompts stay 4-bit")
     chosen = precision.resolve("int4", torch.device("cpu"))
     precision.prepare_process(chosen)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_of(args.model)).eval()
-    precision.apply(model, chosen, pack_weights=True)
+    model = load(checkpoint_of(args.model), chosen, fuse=True)
     print("int4 prompt pass, median ms of", args.rounds)
     with torch.inference_mode():
         for length in args.lengths:

@@ -59,10 +59,12 @@ def side_by_side(module: nn.Module, names: Sequence[str]) -> Callable[[torch.Ten
 
 @dataclass(frozen=True)
 class _LayerCalls:
-    """A decoder layer's stacked products, found once."""
+    """A decoder layer's stacked products and attention call, found once."""
 
     queries_keys_values: Callable[[torch.Tensor], torch.Tensor]
     gate_up: Callable[[torch.Tensor], torch.Tensor]
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """transformers' SDPA attention for one query and no mask (``use_gqa_in_sdpa``)."""
     heads: tuple[int, int]
     """Query heads, key/value heads."""
     intermediate: int
@@ -71,9 +73,15 @@ class _LayerCalls:
     def of(cls, layer: LlamaDecoderLayer) -> _LayerCalls:
         attention, mlp = layer.self_attn, layer.mlp
         query_heads = attention.q_proj.out_features // attention.head_dim
+        grouped = attention.num_key_value_groups > 1
         return cls(
             side_by_side(attention, ("q_proj", "k_proj", "v_proj")),
             side_by_side(mlp, ("gate_proj", "up_proj")),
+            partial(
+                functional.scaled_dot_product_attention,
+                scale=attention.scaling,
+                enable_gqa=grouped,
+            ),
             (query_heads, query_heads // attention.num_key_value_groups),
             mlp.gate_proj.out_features,
         )
@@ -153,10 +161,5 @@ class LlamaStep(DecoderOnlyStep):
         values = projected[:, query_heads + kv_heads :]
         self.slots.write(attention.layer_idx, step.at, keys, values)
         keys, values = self.slots.view(attention.layer_idx, n, step.width)
-        # transformers' SDPA attention for one query and no mask (``use_gqa_in_sdpa``)
-        grouped = attention.num_key_value_groups > 1
-        attend = partial(
-            functional.scaled_dot_product_attention, scale=attention.scaling, enable_gqa=grouped
-        )
-        out = attend_by_run(step.runs, query, keys, values, attend)
+        out = attend_by_run(step.runs, query, keys, values, calls.attend)
         return attention.o_proj(out.reshape(n, -1))

@@ -26,12 +26,12 @@ of the same 4-bit weights: the same bfloat16 inputs times the same weights, summ
 oneDNN's matrix kernels (AMX where the CPU has it) instead of row by row. Decode steps
 (one position per sequence) always take the 4-bit kernel. A reply is computed alike
 alone or beside others in the decode loop, which runs each prompt alone: the kernel a
-prompt's rows get depends only on its own length. (Adaptive batching pads prompts into
+prompt's rows get depends only on its own length. Adaptive batching pads prompts into
 one call, so there the row count is the batch's, and under AMX a prompt's sums can
 differ with the batch, as that mode's attention already makes replies differ in every
-precision but float32.) (An int8 prompt kernel was as fast
-but cost 2.4% perplexity: its per-row activation scales are what cost the ``int8``
-precision its quality.) ``four_bits_throughout`` sends every call to the 4-bit kernel.
+precision but float32. An int8 prompt kernel was as fast but cost 2.4% perplexity: its
+per-row activation scales are what cost the ``int8`` precision its quality.
+``four_bits_throughout`` sends every call to the 4-bit kernel.
 """
 
 from __future__ import annotations
