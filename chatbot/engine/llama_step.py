@@ -14,7 +14,10 @@ the model's own to the bit (the decode-loop tests compare every reply with
   multiplies ``-x2`` by ``sin``, this ``x2`` by ``-sin``, which IEEE arithmetic rounds
   alike, in 4 operations instead of 7;
 * torch's ``rms_norm`` for ``LlamaRMSNorm`` (the same operations, in C++) and
-  ``scaled_dot_product_attention`` called as transformers' SDPA attention calls it.
+  ``scaled_dot_product_attention`` called as transformers' SDPA attention calls it;
+* the kernels called, not the modules: a packed layer's ``rows`` skips the module
+  call and the checks a prompt needs (four products a layer, 120 a SmolLM2 token), and
+  the rotary embedding of every position is computed once, at load.
 
 Prompts still go through the model's ``forward``, as ``generate``'s do.
 """
@@ -33,19 +36,41 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from chatbot.engine.kernels.fused import ProjectionPart
+from chatbot.engine.kernels.rows import PackedLinear
 from chatbot.engine.model_step import DecoderOnlyStep, _Run, _runs, attend_by_run
 
-
-def rms_norm(norm: LlamaRMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)``: torch's own ``rms_norm`` in float32 (the operations
-    ``LlamaRMSNorm`` makes one by one), the module itself in any other dtype, where it
-    rounds in between."""
-    if x.dtype == norm.weight.dtype == torch.float32:
-        return functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm(x)
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 
-def side_by_side(module: nn.Module, names: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+def rows_product(linear: nn.Module) -> Product:
+    """``linear`` on a decode step's (n, in) rows: a packed layer's ``rows``, which
+    skips the module call and what only prompts need; any other layer itself."""
+    return linear.rows if isinstance(linear, PackedLinear) else linear
+
+
+def added_product(linear: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``residual + linear(x)`` on a decode step's rows: a packed layer's ``add_rows``."""
+    if isinstance(linear, PackedLinear):
+        return linear.add_rows
+    return lambda residual, x: residual + linear(x)
+
+
+def norm_of(norm: LlamaRMSNorm) -> Product:
+    """``norm``: torch's own ``rms_norm`` in float32 (the operations ``LlamaRMSNorm``
+    makes one by one), the module itself in any other dtype, where it rounds in
+    between."""
+    weight = norm.weight
+    if weight.dtype != torch.float32:
+        return norm
+    return partial(
+        functional.rms_norm,
+        normalized_shape=weight.shape,
+        weight=weight,
+        eps=norm.variance_epsilon,
+    )
+
+
+def side_by_side(module: nn.Module, names: Sequence[str]) -> Product:
     """One call for the projections ``names`` of ``module``, their outputs side by
     side: the product they share when stacked (``kernels.fused``), else each one's."""
     parts = [getattr(module, name) for name in names]
@@ -53,42 +78,56 @@ def side_by_side(module: nn.Module, names: Sequence[str]) -> Callable[[torch.Ten
     if isinstance(first, ProjectionPart) and [(p.shared, p.index) for p in parts] == [
         (first.shared, index) for index in range(len(first.shared.sizes))
     ]:
-        return first.shared.product
-    return lambda x: torch.cat([part(x) for part in parts], dim=-1)
+        return rows_product(first.shared.product)
+    products = [rows_product(part) for part in parts]
+    return lambda x: torch.cat([product(x) for product in products], dim=-1)
 
 
 @dataclass(frozen=True)
-class _LayerCalls:
-    """A decoder layer's stacked products and attention call, found once."""
+class _Layer:
+    """What a decoder layer's step calls, found once."""
 
-    queries_keys_values: Callable[[torch.Tensor], torch.Tensor]
-    gate_up: Callable[[torch.Tensor], torch.Tensor]
+    index: int
+    input_norm: Product
+    queries_keys_values: Product
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     """transformers' SDPA attention for one query and no mask (``use_gqa_in_sdpa``)."""
+    add_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    post_attention_norm: Product
+    gate_up: Product
+    """The gate's and up projection's outputs side by side, as wide as each other."""
+    activation: Product
+    add_down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     heads: tuple[int, int]
     """Query heads, key/value heads."""
-    intermediate: int
+    head_dim: int
 
     @classmethod
-    def of(cls, layer: LlamaDecoderLayer) -> _LayerCalls:
+    def of(cls, layer: LlamaDecoderLayer) -> _Layer:
         attention, mlp = layer.self_attn, layer.mlp
         query_heads = attention.q_proj.out_features // attention.head_dim
         grouped = attention.num_key_value_groups > 1
         return cls(
+            attention.layer_idx,
+            norm_of(layer.input_layernorm),
             side_by_side(attention, ("q_proj", "k_proj", "v_proj")),
-            side_by_side(mlp, ("gate_proj", "up_proj")),
             partial(
                 functional.scaled_dot_product_attention,
                 scale=attention.scaling,
                 enable_gqa=grouped,
             ),
+            added_product(attention.o_proj),
+            norm_of(layer.post_attention_layernorm),
+            side_by_side(mlp, ("gate_proj", "up_proj")),
+            mlp.act_fn,
+            added_product(mlp.down_proj),
             (query_heads, query_heads // attention.num_key_value_groups),
-            mlp.gate_proj.out_features,
+            attention.head_dim,
         )
 
 
 class _Rotation(NamedTuple):
-    """Every row's rotary embedding at its new position, as (n, 1, 1, head_dim)."""
+    """Rotary embeddings, as (n, 1, 1, head_dim): ``apply`` broadcasts them over heads."""
 
     cos: torch.Tensor
     signed_sin: torch.Tensor
@@ -96,9 +135,13 @@ class _Rotation(NamedTuple):
 
     @classmethod
     def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> _Rotation:
+        """From the model's (1, n, head_dim) ``rotary_emb`` output."""
         half = sin.shape[-1] // 2
         signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return cls(cos.unsqueeze(1), signed.unsqueeze(1))
+        return cls(cos[0, :, None, None], signed[0, :, None, None])
+
+    def at(self, positions: torch.Tensor) -> _Rotation:
+        return _Rotation(self.cos[positions], self.signed_sin[positions])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``apply_rotary_pos_emb`` of (n, heads, 1, head_dim) ``x``."""
@@ -122,44 +165,49 @@ class LlamaStep(DecoderOnlyStep):
 
     @staticmethod
     def fits(model: PreTrainedModel) -> bool:
-        """Llama's own classes, which this step's ``decode`` restates."""
-        return type(model) is LlamaForCausalLM
+        """Llama's own classes, which this step's ``decode`` restates, with a rotary
+        embedding that does not change with the sequence's length (a table holds it)."""
+        if type(model) is not LlamaForCausalLM:
+            return False
+        rope_type = model.model.rotary_emb.rope_type
+        return "dynamic" not in rope_type and rope_type != "longrope"
 
     def __init__(self, model: PreTrainedModel, positions: int) -> None:
         super().__init__(model, positions)
-        self.layers = [_LayerCalls.of(layer) for layer in model.model.layers]
+        body = model.model
+        self.embed, self.final_norm = body.embed_tokens, norm_of(body.norm)
+        self.layers = [_Layer.of(layer) for layer in body.layers]
+        self.head = rows_product(model.lm_head)
+        # Every position's rotation once: the model computes each position's alone, as
+        # one product and an elementwise cos and sin, so a table holds the same values.
+        every = torch.arange(positions, device=self.device)[None]
+        hidden = torch.zeros(1, dtype=model.dtype, device=self.device)
+        self.rotation = _Rotation.of(*body.rotary_emb(hidden, every))
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
     ) -> torch.Tensor:
         width = int(positions.max()) + 1
         self.slots.reserve(tokens.shape[0], width)
-        body = self.model.model
-        hidden = body.embed_tokens(tokens)
-        rotation = _Rotation.of(*body.rotary_emb(hidden, positions[:, None]))
+        hidden = self.embed(tokens)
         runs = _runs((positions + 1).tolist(), replies)
-        step = _StepRows(self.slots.at(positions), rotation, runs, width)
-        for layer, calls in zip(body.layers, self.layers, strict=True):
-            states = rms_norm(layer.input_layernorm, hidden)
-            hidden = hidden + self._attend(layer, calls, states, step)
-            states = rms_norm(layer.post_attention_layernorm, hidden)
-            gate, up = calls.gate_up(states).split(calls.intermediate, dim=-1)
-            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        return self.model.lm_head(rms_norm(body.norm, hidden))
+        step = _StepRows(self.slots.at(positions), self.rotation.at(positions), runs, width)
+        for layer in self.layers:
+            hidden = layer.add_output(hidden, self._attend(layer, layer.input_norm(hidden), step))
+            gate, up = layer.gate_up(layer.post_attention_norm(hidden)).chunk(2, dim=-1)
+            hidden = layer.add_down(hidden, layer.activation(gate) * up)
+        return self.head(self.final_norm(hidden))
 
-    def _attend(
-        self, layer: LlamaDecoderLayer, calls: _LayerCalls, states: torch.Tensor, step: _StepRows
-    ) -> torch.Tensor:
-        """``LlamaAttention.forward`` for one new position per row: (n, hidden) states,
-        viewed as the model's (n, heads, 1, head_dim)."""
-        attention = layer.self_attn
-        n, head_dim = states.shape[0], attention.head_dim
-        projected = calls.queries_keys_values(states).view(n, -1, 1, head_dim)
-        query_heads, kv_heads = calls.heads
+    def _attend(self, layer: _Layer, states: torch.Tensor, step: _StepRows) -> torch.Tensor:
+        """``LlamaAttention.forward`` up to its output projection, for one new position
+        per row: (n, hidden) states, viewed as the model's (n, heads, 1, head_dim)."""
+        n = states.shape[0]
+        projected = layer.queries_keys_values(states).view(n, -1, 1, layer.head_dim)
+        query_heads, kv_heads = layer.heads
         rotated = step.rotation.apply(projected[:, : query_heads + kv_heads])
-        query, keys = rotated.split(calls.heads, dim=1)
+        query, keys = rotated.split_with_sizes(layer.heads, dim=1)
         values = projected[:, query_heads + kv_heads :]
-        self.slots.write(attention.layer_idx, step.at, keys, values)
-        keys, values = self.slots.view(attention.layer_idx, n, step.width)
-        out = attend_by_run(step.runs, query, keys, values, calls.attend)
-        return attention.o_proj(out.reshape(n, -1))
+        self.slots.write(layer.index, step.at, keys, values)
+        keys, values = self.slots.view(layer.index, n, step.width)
+        out = attend_by_run(step.runs, query, keys, values, layer.attend)
+        return out.reshape(n, -1)

@@ -140,6 +140,16 @@ class PackedLinear(nn.Module, ABC):
             out[rows.real] = self._product(x[rows.real])
         return out.repeat_interleave(rows.copies, dim=0) if rows.copies > 1 else out
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` of (n, in) rows that skip nothing: a decode step's, called by a
+        step that holds the layer (``LlamaStep``) without the module call, the
+        ``skip_redundant_rows`` lookup and a subclass's checks for prompts."""
+        return self._product(x)
+
+    def add_rows(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + rows(x)``, as a residual block adds a layer's output."""
+        return residual + self.rows(x)
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``, handed to the kernel in slices of at most
         ``MAX_ROWS_PER_CALL`` rows, each rounded up to a bucket (``row_bucket``), so
