@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser balancer database container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-memory bench-scaling drill quality
+.PHONY: help install browser balancer database container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-page bench-memory bench-scaling drill quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -102,6 +102,9 @@ bench: install  ## the 400M architecture vs baseline and CTranslate2, then the o
 
 bench-offline: install  ## the offline SmolLM2 served in float32, int8 and int4 against llama.cpp's server (ARGS=--quick)
 	$(PY) benchmarks/offline_bench.py $(ARGS)
+
+bench-page: install browser  ## a 128-token reply timed on the chat page (make run + headless Chromium) and straight to the service
+	$(PY) benchmarks/page_reply.py $(ARGS)
 
 quality: install  ## perplexity and greedy agreement of each precision on real weights (MODEL=hub id, dir or .gguf; default: the offline SmolLM2)
 	$(PY) benchmarks/quality.py $(if $(MODEL),--model $(MODEL)) $(ARGS)

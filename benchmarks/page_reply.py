@@ -1,0 +1,108 @@
+"""How long a person waits on the chat page for a 128-token reply, after ``make run``.
+
+Starts ``scripts/run.sh`` as ``make run`` does (offline here: SmolLM2-135M-Instruct on
+its default precision), opens the page in headless Chromium, picks greedy decoding and
+128 new tokens in the sidebar, and times each prompt in a cleared conversation from
+the Enter key to the whole reply on the page (streamed, then stored, the Stop button
+gone). Then, in turns, the same request goes straight to the service through the
+page's own client (``frontend.client``): the ratio is what the page, its store and the
+browser add, on the same 2 cores. The service's ``generation_tokens`` counter says how
+many tokens each reply had; a reply that ended before 128 tokens is reported but left
+out of the medians.
+
+    python benchmarks/page_reply.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import requests
+from playwright.sync_api import Page
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devtools.chat_page import chat, running_chat  # noqa: E402
+from frontend.client import ChatClient  # noqa: E402
+
+TOKENS = 128
+PROMPTS = [
+    "Write a long story about a dragon who learns to cook.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Describe a day in the life of a lighthouse keeper, hour by hour.",
+    "Write a long letter to a friend about your trip to the mountains.",
+]
+
+
+def generated_tokens(service_url: str) -> float:
+    """The service's count of tokens generated so far (``/metrics``)."""
+    text = requests.get(f"{service_url}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if not line.startswith("#") and "generation_tokens_total" in line
+    )
+
+
+def greedy_replies_of(page: Page, tokens: int) -> None:
+    """Greedy decoding, and ``tokens`` in the "Max new tokens" slider (by its arrow
+    keys, as a person without a mouse would set it)."""
+    page.get_by_text("Greedy", exact=True).click()
+    slider = page.locator('input[type=range][aria-label="Max new tokens"]')
+    while (now := int(slider.input_value())) != tokens:
+        slider.press("ArrowLeft" if now > tokens else "ArrowRight")
+    page.wait_for_timeout(1000)  # the page's rerun with the new settings
+
+
+def through_the_api(api: ChatClient, prompt: str) -> None:
+    """The page's streamed request for ``prompt``, read to its end."""
+    model = api.info()["model"]
+    messages = [{"role": "user", "content": prompt}]
+    for _ in api.stream(model, messages, max_new_tokens=TOKENS, num_beams=1, do_sample=False):
+        pass
+
+
+def timed(service_url: str, ask: Callable[[], object]) -> tuple[float, float]:
+    """Seconds ``ask`` took, and the tokens the service generated meanwhile."""
+    before = generated_tokens(service_url)
+    start = time.perf_counter()
+    ask()
+    return time.perf_counter() - start, generated_tokens(service_url) - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=len(PROMPTS))
+    args = parser.parse_args()
+    whole: dict[str, list[float]] = {"page": [], "api": []}
+    with running_chat() as running:
+        page, api = running.page, ChatClient(running.service_url)
+        greedy_replies_of(page, TOKENS)
+        chat(page, "Hi!")  # the first request of a process warms it
+        for prompt in (PROMPTS * args.rounds)[: args.rounds]:
+            page.get_by_text("Clear conversation").click()
+            page.wait_for_timeout(1000)
+            asks = {"page": partial(chat, page, prompt)}
+            asks["api"] = partial(through_the_api, api, prompt)
+            for way, ask in asks.items():
+                seconds, tokens = timed(running.service_url, ask)
+                print(f"{way}: {tokens:.0f} tokens in {seconds:.2f} s: {prompt}", flush=True)
+                if tokens == TOKENS:
+                    whole[way].append(seconds)
+    if whole["page"] and whole["api"]:
+        page_s, api_s = statistics.median(whole["page"]), statistics.median(whole["api"])
+        print(f"a {TOKENS}-token reply on the chat page: median {page_s:.2f} s "
+              f"({len(whole['page'])} replies; min {min(whole['page']):.2f}, "
+              f"max {max(whole['page']):.2f}); straight to the service {api_s:.2f} s; "
+              f"page / service: {page_s / api_s:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
