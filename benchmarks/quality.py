@@ -43,7 +43,6 @@ from chatbot.engine.kernels import (  # noqa: E402
     BFloat16Linear,
     Int4Linear,
     Int8Linear,
-    PackedLinear,
     RescoredBFloat16Linear,
     RescoredInt8Linear,
 )
@@ -138,8 +137,7 @@ def greedy_ids(engine: ChatEngine, chats: list[list[dict[str, str]]]) -> list[li
 class Int4LinearPromptsToo(Int4Linear):
     """int4 before prompts went to bfloat16 (``kernels.int4``): 4 bits for every call."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return PackedLinear.forward(self, x)
+    prompts_in_bfloat16 = False
 
 
 _F32 = torch.float32

@@ -89,6 +89,8 @@ def four_bits_throughout() -> Iterator[None]:
 
 class Int4Linear(PackedLinear):
     kernel = "aten int4 weight-only, groups of 32"
+    prompts_in_bfloat16 = True
+    """Whether prompts go to a bfloat16 kernel where the CPU has one (see above)."""
 
     @classmethod
     def takes(cls, linear: nn.Linear) -> bool:
@@ -98,7 +100,8 @@ class Int4Linear(PackedLinear):
         super().__init__(linear)
         codes, self.scales_and_zeros = quantize_groups(linear.weight.detach())
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.prompts = self._prompt_kernel(codes) if at_least("avx512_core_bf16") else None
+        native = self.prompts_in_bfloat16 and at_least("avx512_core_bf16")
+        self.prompts = self._prompt_kernel(codes) if native else None
 
     def _prompt_kernel(self, codes: torch.Tensor) -> BFloat16Linear:
         four_bit = nn.utils.skip_init(
