@@ -656,7 +656,7 @@ def main() -> None:
 
     checkpoint = real_architecture_checkpoint() if args.model == "real-400m" else tiny_checkpoint()
     chats = conversations(max(w.requests for w in workloads))
-    max_batch = max(w.concurrency for w in workloads)
+    max_batch = max(2, *(w.concurrency for w in workloads))  # BentoML's least
     device = pick_device()
     chosen = precision.resolve(args.dtype, device)
     precision.prepare_process(chosen)  # as the service does, before any kernel

@@ -57,9 +57,15 @@ def display_name(source: str) -> str:
     return _QUANTIZATION.sub("", name) or "chatbot-model"
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int, least: int | None = None, why: str = "") -> int:
     raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+    if least is not None and value < least:
+        raise ValueError(f"{name} must be at least {least}, not {value}{why}")
+    return value
 
 
 def _float(name: str, default: float) -> float:
@@ -129,7 +135,9 @@ class Settings:
             batching=_choice("CHATBOT_BATCHING", "continuous", BATCHING_CHOICES),
             max_rows=_int("CHATBOT_MAX_ROWS", 128),
             max_waiting=_int("CHATBOT_MAX_WAITING", 256),
-            max_batch_size=_int("CHATBOT_MAX_BATCH_SIZE", 8),
+            max_batch_size=_int(
+                "CHATBOT_MAX_BATCH_SIZE", 8, least=2, why=": BentoML batches two or more"
+            ),
             max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
             coalesce_ms=_float("CHATBOT_COALESCE_MS", 50),
             timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
