@@ -68,9 +68,15 @@ def _int(name: str, default: int, least: int | None = None, why: str = "") -> in
     return value
 
 
-def _float(name: str, default: float) -> float:
+def _float(name: str, default: float, least: float | None = None) -> float:
     raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else default
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+    if least is not None and not value >= least:  # NaN too
+        raise ValueError(f"{name} must be at least {least:g}, not {raw}")
+    return value
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -133,22 +139,24 @@ class Settings:
             or f"{store_name_for(model)}:latest",
             model_name=os.environ.get("CHATBOT_MODEL_NAME", "").strip() or None,
             batching=_choice("CHATBOT_BATCHING", "continuous", BATCHING_CHOICES),
-            max_rows=_int("CHATBOT_MAX_ROWS", 128),
-            max_waiting=_int("CHATBOT_MAX_WAITING", 256),
+            max_rows=_int("CHATBOT_MAX_ROWS", 128, least=1),
+            max_waiting=_int("CHATBOT_MAX_WAITING", 256, least=0),
             max_batch_size=_int(
                 "CHATBOT_MAX_BATCH_SIZE", 8, least=2, why=": BentoML batches two or more"
             ),
-            max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000),
-            coalesce_ms=_float("CHATBOT_COALESCE_MS", 50),
+            max_latency_ms=_int("CHATBOT_MAX_LATENCY_MS", 300_000, least=1),
+            coalesce_ms=_float("CHATBOT_COALESCE_MS", 50, least=0),
             timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
             pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
             dtype=_choice("CHATBOT_DTYPE", "auto", DTYPE_CHOICES),
-            max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64),
-            max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576),
+            max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64, least=1),
+            max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576, least=1),
             log_content=_bool("CHATBOT_LOG_CONTENT", False),
-            release_memory_every_s=_float("CHATBOT_RELEASE_MEMORY_EVERY_S", 5),
+            release_memory_every_s=_float("CHATBOT_RELEASE_MEMORY_EVERY_S", 5, least=0),
             keep_alive_s=_float("CHATBOT_KEEP_ALIVE_S", DEFAULT_KEEP_ALIVE_S),
-            target_concurrency=_int("CHATBOT_TARGET_CONCURRENCY", DEFAULT_TARGET_CONCURRENCY),
+            target_concurrency=_int(
+                "CHATBOT_TARGET_CONCURRENCY", DEFAULT_TARGET_CONCURRENCY, least=1
+            ),
             external_queue=_bool("CHATBOT_EXTERNAL_QUEUE", True),
             api_key=os.environ.get("CHATBOT_API_KEY", "").strip() or None,
         )
