@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from chatbot.engine.kernels.fused import ProjectionPart
 from chatbot.engine.kernels.rows import PackedLinear
-from chatbot.engine.model_step import DecoderOnlyStep, _Run, _runs, attend_by_run
+from chatbot.engine.model_step import DecoderOnlyStep, _Run, attend_by_run
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -187,10 +187,8 @@ class LlamaStep(DecoderOnlyStep):
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
     ) -> torch.Tensor:
-        width = int(positions.max()) + 1
-        self.slots.reserve(tokens.shape[0], width)
+        width, runs = self._make_room(positions, replies)
         hidden = self.embed(tokens)
-        runs = _runs((positions + 1).tolist(), replies)
         step = _StepRows(self.slots.at(positions), self.rotation.at(positions), runs, width)
         for layer in self.layers:
             hidden = layer.add_output(hidden, self._attend(layer, layer.input_norm(hidden), step))

@@ -76,6 +76,14 @@ class ModelStep(ABC):
     def reorder(self, first: int, parents: torch.Tensor) -> None:
         self.slots.reorder(first, parents)
 
+    def _make_room(self, positions: torch.Tensor, replies: Sequence[int]) -> tuple[int, list[_Run]]:
+        """Room in the key/value buffers for every row's new position: the widest
+        row's length, and each reply's run (``attend_by_run``)."""
+        lengths = (positions + 1).tolist()
+        width = max(lengths)
+        self.slots.reserve(len(lengths), width)
+        return width, _runs(lengths, replies)
+
 
 @dataclass(frozen=True)
 class _Run:
@@ -206,9 +214,7 @@ class EncoderDecoderStep(ModelStep):
         decoder = self.decoder
         hidden = decoder.embed_tokens(tokens[:, None])
         hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
-        width = int(positions.max()) + 1
-        self.slots.reserve(n, width)
-        own_runs = _runs((positions + 1).tolist(), replies)
+        width, own_runs = self._make_room(positions, replies)
         prompt_lengths = self.prompt_lengths[:n]
         prompt_width = int(prompt_lengths.max())
         prompt_runs = _runs(prompt_lengths.tolist(), replies)
@@ -282,8 +288,7 @@ class DecoderOnlyStep(ModelStep):
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
     ) -> torch.Tensor:
-        width = int(positions.max()) + 1
-        self.slots.reserve(tokens.shape[0], width)
+        width, runs = self._make_room(positions, replies)
         # Each reply attends over its own length (``runs``): the mask is never read,
         # and a 4-D one spares transformers building its own.
         shape = (tokens.shape[0], 1, 1, width)
@@ -294,6 +299,6 @@ class DecoderOnlyStep(ModelStep):
             attention_mask=unread_mask,
             past_key_values=_RowsCache(self.slots, positions, width),
             use_cache=True,
-            runs=_runs((positions + 1).tolist(), replies),
+            runs=runs,
         )
         return outputs.logits[:, -1]
