@@ -90,9 +90,8 @@ def on_the_page(page: Page, prompt: str) -> float:
     return (shown - start) / 1e3
 
 
-def through_the_api(api: ChatClient, prompt: str) -> None:
+def through_the_api(api: ChatClient, model: str, prompt: str) -> None:
     """The page's streamed request for ``prompt``, read to its end."""
-    model = api.info()["model"]
     messages = [{"role": "user", "content": prompt}]
     for _ in api.stream(model, messages, max_new_tokens=TOKENS, num_beams=1, do_sample=False):
         pass
@@ -115,13 +114,14 @@ def main() -> None:
     whole: dict[str, list[float]] = {"page": [], "api": []}
     with running_chat() as running:
         page, api = running.page, ChatClient(running.service_url)
+        model = api.info()["model"]
         greedy_replies_of(page, TOKENS)
         chat(page, "Hi!")  # the first request of a process warms it
         for prompt in (PROMPTS * args.rounds)[: args.rounds]:
             page.get_by_text("Clear conversation").click()
             page.wait_for_timeout(1000)
             asks = {"page": partial(on_the_page, page, prompt)}
-            asks["api"] = partial(through_the_api, api, prompt)
+            asks["api"] = partial(through_the_api, api, model, prompt)
             for way, ask in asks.items():
                 seconds, tokens = timed(running.service_url, ask)
                 print(f"{way}: {tokens:.0f} tokens in {seconds:.2f} s: {prompt}", flush=True)

@@ -1,5 +1,6 @@
 """``make run`` on free ports with a fresh conversation store, and a headless Chromium
 on its chat page: what ``scripts/screenshot.py`` and ``benchmarks/page_reply.py`` drive.
+The tests launch the same Chromium with the same arguments.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from playwright.sync_api import Page, sync_playwright
+from typing import TYPE_CHECKING
 
 from devtools.processes import free_port, wait_until_healthy
 
+if TYPE_CHECKING:  # Playwright is imported where a browser starts: the tests import this
+    from playwright.sync_api import Page
+
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (make browser); never a downloaded one
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
 START_TIMEOUT_S = 600
 
 REPLY_SHOWN = """() => {
@@ -35,29 +42,27 @@ class RunningChat:
     page: Page
 
 
-def chat(page: Page, text: str) -> str:
-    """Send ``text``, wait until its reply is whole (no spinner, no Stop button), and
-    return the reply's text."""
-    messages = page.locator('[data-testid="stChatMessage"]')
-    reply = messages.count() + 1
+def chat(page: Page, text: str) -> None:
+    """Send ``text`` and wait until its reply is whole (no spinner, no Stop button)."""
+    reply = page.locator('[data-testid="stChatMessage"]').count() + 1
     box = page.locator('[data-testid="stChatInputTextArea"]')
     box.fill(text)
     box.press("Enter")
     page.wait_for_function(REPLY_SHOWN.replace("INDEX", str(reply)))
-    return messages.nth(reply).inner_text()
 
 
 @contextmanager
-def running_chat(env: dict[str, str] | None = None) -> Iterator[RunningChat]:
+def running_chat() -> Iterator[RunningChat]:
     """``scripts/run.sh`` (service + page, as ``make run`` starts them) and a browser
-    tab on its page, stopped on exit; ``env`` adds to the environment."""
+    tab on its page, stopped on exit."""
+    from playwright.sync_api import sync_playwright
+
     service_port, page_port = free_port(), free_port()
     env = {
         **os.environ,
         "PORT": str(service_port),
         "STREAMLIT_SERVER_PORT": str(page_port),
         "CHATBOT_DATA_DIR": tempfile.mkdtemp(prefix="chat-page-"),
-        **(env or {}),
     }
     run = subprocess.Popen(
         [str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, start_new_session=True
@@ -67,9 +72,7 @@ def running_chat(env: dict[str, str] | None = None) -> Iterator[RunningChat]:
         wait_until_healthy(f"{service_url}/readyz", run, START_TIMEOUT_S)
         wait_until_healthy(f"http://127.0.0.1:{page_port}/_stcore/health", run, START_TIMEOUT_S)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-            )
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(300_000)
             page.goto(f"http://127.0.0.1:{page_port}")

@@ -25,6 +25,7 @@ from capped import probes_of_every_level
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.models.offline_model import offline_model_path
 from chatbot.models.tiny_model import build_tiny_chat_checkpoint, build_tiny_checkpoint
+from devtools.chat_page import CHROMIUM, CHROMIUM_ARGS
 from devtools.postgres import running_postgres, server_bin
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
@@ -70,13 +71,6 @@ def real_tokenizer_dir() -> Path:
     if not (REAL_TOKENIZER / "vocab.json").exists():
         pytest.skip(f"real Blenderbot tokenizer not found at {REAL_TOKENIZER}")
     return REAL_TOKENIZER
-
-
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's (make browser); never a downloaded one
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -118,11 +118,10 @@ def attend_by_run(
     masked call."""
     if len(runs) == 1 and runs[0].length == keys.shape[2]:  # one reply: all of them
         return attend(query, keys, values)
-    outs = [
+    return torch.cat([
         attend(query[run.rows], keys[run.rows, :, : run.length], values[run.rows, :, : run.length])
         for run in runs
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    ])  # fmt: skip
 
 
 PER_REPLY = "chatbot_per_reply"
