@@ -12,7 +12,9 @@ this file only wires it to HTTP.
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any, cast
 
 import bentoml
@@ -25,6 +27,7 @@ from starlette.responses import JSONResponse
 from chatbot.engine import precision
 from chatbot.engine.chat_engine import ChatEngine, Request, pick_device
 from chatbot.engine.coalescing import Coalescer
+from chatbot.engine.compiled_step import Compilation, attach_in_background
 from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.heap import keep_releasing_freed_memory
 from chatbot.engine.own_thread import in_own_thread
@@ -53,6 +56,8 @@ openai_v1 = build_openai_app(backend_errors=BUSY)
 keep_idle_connections(settings.keep_alive_s)  # longer than any balancer's (see the module)
 resident_memory = ResidentMemory(bentoml.metrics)
 model_info = ModelInfoGauge(bentoml.metrics)
+# The engine's news (its compiled step ready, say) in the service's log beside BentoML's.
+logging.getLogger("chatbot.engine").setLevel(logging.INFO)
 
 
 class BentoArgs(BaseModel):
@@ -111,6 +116,7 @@ class Chatbot:
     def start_loading(self) -> None:
         """Load the model in the background so /livez answers while it loads."""
         self.continuous: ContinuousBatcher | None = None
+        self.compilation = Compilation()
         self.loading = asyncio.create_task(in_own_thread(self._load))
         self.memory_watch = asyncio.create_task(resident_memory.keep_updated())
         if settings.release_memory_every_s > 0:
@@ -146,6 +152,14 @@ class Chatbot:
             self.continuous = ContinuousBatcher(
                 engine, settings.max_rows, settings.max_waiting, LoopMetrics(bentoml.metrics)
             )
+            if settings.compile_step:  # one conversation's steps, faster once compiled
+                self.compilation = attach_in_background(
+                    self.continuous.loop.step,
+                    self.model.path,
+                    settings.dtype,
+                    settings.pack_weights,
+                    Path(settings.compile_cache),
+                )
         return engine
 
     @bentoml.on_shutdown
@@ -202,7 +216,7 @@ class Chatbot:
 
     async def model_info(self) -> ModelInfo:
         engine = await asyncio.shield(self.loading)
-        return engine.info()
+        return engine.info().model_copy(update={"decode_step": self.compilation.state})
 
     async def stream(self, request: Request) -> ReplyStream:
         """One reply as it is written: a decode-loop row, or its own ``generate``."""

@@ -55,7 +55,7 @@ from chatbot.engine.plan import DecodingPlan  # noqa: E402
 from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.settings import DTYPE_CHOICES  # noqa: E402
-from devtools.processes import free_port, stop_tree, wait_until_healthy  # noqa: E402
+from devtools.processes import free_port, stop_tree, wait_until_healthy, wait_while_compiling  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "blenderbot-tokenizer"
 CACHE = ROOT / ".cache"
@@ -307,6 +307,8 @@ def running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator
     memory = PeakMemory(process.pid)
     try:
         wait_until_healthy(ready_url, process, timeout_s=600)
+        if "service:Chatbot" in command:
+            wait_while_compiling(ready_url.removesuffix("/readyz"))
         yield memory
     finally:
         memory.stop()

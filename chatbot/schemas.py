@@ -263,6 +263,12 @@ class ModelInfo(BaseModel):
         description="On a CPU, the instruction set its kernels use, as oneDNN names it "
         "(avx2, avx512_core_vnni, avx512_core_amx...).",
     )
+    decode_step: Literal["eager", "compiling", "compiled"] = Field(
+        default="eager",
+        description="How the decode loop runs one conversation's steps: compiled ahead "
+        "of time (CHATBOT_COMPILE_STEP, Llama-family models on CPU), being compiled in "
+        "the background (the first start on a machine, under a minute) or eager.",
+    )
     max_new_tokens_limit: int = Field(description="Most new tokens one reply can have.")
     max_beams: int = MAX_BEAMS
     default_max_new_tokens: int

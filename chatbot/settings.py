@@ -24,6 +24,12 @@ growing, measured by ``benchmarks/scaling.py`` (README, Scaling)."""
 _TAG_NAME_MAX = 63
 
 
+def default_compile_cache() -> str:
+    """Where compiled steps are kept between starts: the user's cache folder."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
+    return os.path.join(base, "chatbot", "compiled-steps")
+
+
 def store_name_for(source: str) -> str:
     """BentoML model-store name for a hub id or a local directory.
 
@@ -121,6 +127,8 @@ class Settings:
     timeout_s: float
     pack_weights: bool
     dtype: str
+    compile_step: bool
+    compile_cache: str
     max_concurrency: int
     max_body_bytes: int
     log_content: bool
@@ -149,6 +157,9 @@ class Settings:
             timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
             pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
             dtype=_choice("CHATBOT_DTYPE", "auto", DTYPE_CHOICES),
+            compile_step=_bool("CHATBOT_COMPILE_STEP", True),
+            compile_cache=os.environ.get("CHATBOT_COMPILE_CACHE", "").strip()
+            or default_compile_cache(),
             max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64, least=1),
             max_body_bytes=_int("CHATBOT_MAX_BODY_BYTES", 1_048_576, least=1),
             log_content=_bool("CHATBOT_LOG_CONTENT", False),

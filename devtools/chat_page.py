@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from devtools.processes import free_port, wait_until_healthy
+from devtools.processes import free_port, wait_until_healthy, wait_while_compiling
 
 if TYPE_CHECKING:  # Playwright is imported where a browser starts: the tests import this
     from playwright.sync_api import Page
@@ -71,6 +71,7 @@ def running_chat() -> Iterator[RunningChat]:
     try:
         wait_until_healthy(f"{service_url}/readyz", run, START_TIMEOUT_S)
         wait_until_healthy(f"http://127.0.0.1:{page_port}/_stcore/health", run, START_TIMEOUT_S)
+        wait_while_compiling(service_url)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})

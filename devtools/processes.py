@@ -62,6 +62,17 @@ def wait_until_healthy(health_url: str, process: subprocess.Popen, timeout_s: fl
     raise TimeoutError(f"{health_url} not healthy after {timeout_s:.0f}s")
 
 
+def wait_while_compiling(url: str, limit_s: float = 600) -> None:
+    """Until the service's one-row step is compiled or given up (``/info``'s
+    ``decode_step``): the first start on a machine compiles it in the background, and
+    the benchmark measures the step the service settles on."""
+    deadline = time.monotonic() + limit_s
+    while httpx.post(f"{url}/info", json={}, timeout=30).json()["decode_step"] == "compiling":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the one-row step was still compiling after {limit_s:.0f} s")
+        time.sleep(1)
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """A process and every process under it (BentoML workers start their own sessions,
     so a process group is not enough); empty once it is gone."""

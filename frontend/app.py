@@ -114,7 +114,10 @@ def sidebar(
     account()
     try:
         info: dict[str, Any] | None = api.info()
-        st.sidebar.caption(f"Model: **{info['model']}** ({info['device']}, {info['dtype']})")
+        step = {"compiled": ", compiled", "compiling": ", compiling"}.get(
+            info.get("decode_step"), ""
+        )
+        st.sidebar.caption(f"Model: **{info['model']}** ({info['device']}, {info['dtype']}{step})")
         if note := info.get("note"):
             st.sidebar.info(note)
         elif info["model"].endswith("tiny-blenderbot"):

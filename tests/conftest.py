@@ -90,6 +90,10 @@ def offline_env(bentoml_home: Path, model: Path | str) -> dict[str, str]:
         **os.environ,
         "BENTOML_HOME": str(bentoml_home),
         "CHATBOT_MODEL": str(model),
+        # Off: each server on the tiny chat model would compile its own step on the
+        # suite's two cores. The compiled step is tested alone (test_compiled_step) and
+        # served by `make run` (test_offline_model).
+        "CHATBOT_COMPILE_STEP": "false",
         "HF_HUB_OFFLINE": "1",
         "BENTOML_DO_NOT_TRACK": "True",
     }
@@ -421,6 +425,7 @@ def start_make_run(tmp: Path) -> MakeRun:
     env.update(
         HF_HUB_OFFLINE="1", BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True",
         PORT=str(port), STREAMLIT_SERVER_PORT=str(page_port), CHATBOT_DATA_DIR=str(tmp / "data"),
+        CHATBOT_COMPILE_CACHE=str(tmp / "compiled-steps"),  # a first start: it compiles
     )  # fmt: skip
     log = tmp / "run.log"
     with log.open("wb") as out:
@@ -615,6 +620,7 @@ LANES = ("shared-servers", "own-processes")
 OWN_PROCESS_MODULES = frozenset(
     {
         "test_bench.py",
+        "test_compiled_step.py",
         "test_deploy.py",
         "test_import_model.py",
         "test_offline_model.py",

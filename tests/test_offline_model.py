@@ -10,7 +10,7 @@ by the same ``import_model.py`` that ``make run`` calls."""
 from __future__ import annotations
 
 import re
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -121,3 +121,28 @@ def test_stop_keeps_what_was_written_and_the_service_stops_writing(make_run, bro
     assert bubbles(page)[1] == partial
     assert "300" not in partial
     page.context.close()
+
+
+@pytest.mark.last  # the lane's other tests run while it compiles
+def test_one_conversation_runs_compiled_after_a_first_start_and_answers_alike(make_run):
+    """The first start compiles the one-row step in the background while the eager
+    step serves (``compiled_step``); once it is in, a conversation alone (compiled)
+    gets the reply two at once get (the eager step's batch), to the token."""
+    wait_for(lambda: decode_step(make_run.url) != "compiling", "the compile", timeout_s=300)
+    assert decode_step(make_run.url) == "compiled"
+    assert "one-row step compiled" in make_run.log.read_text()
+    question = [{"role": "user", "content": "Tell me about the sea."}]
+    ask = {"messages": question, "max_new_tokens": 48, "do_sample": False}
+    with httpx.Client(base_url=make_run.url, timeout=120) as client:
+
+        def reply(_: object = None) -> str:
+            return client.post("/respond", json=ask).json()["reply"]
+
+        alone = reply()
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(reply, range(2)))
+    assert together == [alone, alone]
+
+
+def decode_step(url: str) -> str:
+    return httpx.post(f"{url}/info", json={}, timeout=30).json()["decode_step"]

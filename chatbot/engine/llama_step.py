@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from chatbot.engine.kernels.fused import ProjectionPart
 from chatbot.engine.kernels.rows import PackedLinear
 from chatbot.engine.model_step import DecoderOnlyStep, _Run, attend_by_run
+from chatbot.engine.slots import RowSlots
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,7 +56,19 @@ def added_product(linear: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], t
     return lambda residual, x: residual + linear(x)
 
 
-def norm_of(norm: LlamaRMSNorm) -> Product:
+class RmsNorm(Protocol):
+    """``functional.rms_norm``, or an op called as it is."""
+
+    def __call__(
+        self,
+        input: torch.Tensor,
+        normalized_shape: list[int],
+        weight: torch.Tensor | None = None,
+        eps: float | None = None,
+    ) -> torch.Tensor: ...
+
+
+def norm_of(norm: LlamaRMSNorm, rms_norm: RmsNorm = functional.rms_norm) -> Product:
     """``norm``: torch's own ``rms_norm`` in float32 (the operations ``LlamaRMSNorm``
     makes one by one), the module itself in any other dtype, where it rounds in
     between."""
@@ -63,10 +76,7 @@ def norm_of(norm: LlamaRMSNorm) -> Product:
     if weight.dtype != torch.float32:
         return norm
     return partial(
-        functional.rms_norm,
-        normalized_shape=weight.shape,
-        weight=weight,
-        eps=norm.variance_epsilon,
+        rms_norm, normalized_shape=list(weight.shape), weight=weight, eps=norm.variance_epsilon
     )
 
 
@@ -103,13 +113,13 @@ class _Layer:
     head_dim: int
 
     @classmethod
-    def of(cls, layer: LlamaDecoderLayer) -> _Layer:
+    def of(cls, layer: LlamaDecoderLayer, rms_norm: RmsNorm) -> _Layer:
         attention, mlp = layer.self_attn, layer.mlp
         query_heads = attention.q_proj.out_features // attention.head_dim
         grouped = attention.num_key_value_groups > 1
         return cls(
             attention.layer_idx,
-            norm_of(layer.input_layernorm),
+            norm_of(layer.input_layernorm, rms_norm),
             side_by_side(attention, ("q_proj", "k_proj", "v_proj")),
             partial(
                 functional.scaled_dot_product_attention,
@@ -117,7 +127,7 @@ class _Layer:
                 enable_gqa=grouped,
             ),
             added_product(attention.o_proj),
-            norm_of(layer.post_attention_layernorm),
+            norm_of(layer.post_attention_layernorm, rms_norm),
             side_by_side(mlp, ("gate_proj", "up_proj")),
             mlp.act_fn,
             added_product(mlp.down_proj),
@@ -126,7 +136,7 @@ class _Layer:
         )
 
 
-class _Rotation(NamedTuple):
+class Rotation(NamedTuple):
     """Rotary embeddings, as (n, 1, 1, head_dim): ``apply`` broadcasts them over heads."""
 
     cos: torch.Tensor
@@ -134,34 +144,87 @@ class _Rotation(NamedTuple):
     """The sines, the first half negated."""
 
     @classmethod
-    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> _Rotation:
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rotation:
         """From the model's (1, n, head_dim) ``rotary_emb`` output."""
         half = sin.shape[-1] // 2
         signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         return cls(cos[0, :, None, None], signed[0, :, None, None])
 
-    def at(self, positions: torch.Tensor) -> _Rotation:
-        return _Rotation(self.cos[positions], self.signed_sin[positions])
+    def at(self, positions: torch.Tensor) -> Rotation:
+        return Rotation(self.cos[positions], self.signed_sin[positions])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``apply_rotary_pos_emb`` of (n, heads, 1, head_dim) ``x``."""
         return x * self.cos + x.roll(x.shape[-1] // 2, dims=-1) * self.signed_sin
 
 
-class _StepRows(NamedTuple):
+class StepRows(NamedTuple):
     """What every layer of one step needs to know of its rows."""
 
     at: tuple[torch.Tensor, torch.Tensor]
     """Where their keys and values go (``RowSlots.at``)."""
-    rotation: _Rotation
+    rotation: Rotation
     runs: list[_Run]
     """Each reply's rows and length (``attend_by_run``)."""
     width: int
     """The longest reply's length."""
 
 
+class LlamaLayers:
+    """A Llama model's decoder layers and final norm, for one new position per row:
+    what ``LlamaStep.decode`` runs between the embedding and the LM head, on any key/
+    value slots (``compiled_step`` exports it for one row, its norm opaque)."""
+
+    def __init__(self, model: PreTrainedModel, rms_norm: RmsNorm = functional.rms_norm) -> None:
+        body = model.model
+        self.layers = [_Layer.of(layer, rms_norm) for layer in body.layers]
+        self.final_norm = norm_of(body.norm, rms_norm)
+
+    def __call__(self, hidden: torch.Tensor, step: StepRows, slots: RowSlots) -> torch.Tensor:
+        for layer in self.layers:
+            states = self._attend(layer, layer.input_norm(hidden), step, slots)
+            hidden = layer.add_output(hidden, states)
+            gate, up = layer.gate_up(layer.post_attention_norm(hidden)).chunk(2, dim=-1)
+            hidden = layer.add_down(hidden, layer.activation(gate) * up)
+        return self.final_norm(hidden)
+
+    @staticmethod
+    def _attend(
+        layer: _Layer, states: torch.Tensor, step: StepRows, slots: RowSlots
+    ) -> torch.Tensor:
+        """``LlamaAttention.forward`` up to its output projection, for one new position
+        per row: (n, hidden) states, viewed as the model's (n, heads, 1, head_dim)."""
+        n = states.shape[0]
+        projected = layer.queries_keys_values(states).view(n, -1, 1, layer.head_dim)
+        query_heads, kv_heads = layer.heads
+        rotated = step.rotation.apply(projected[:, : query_heads + kv_heads])
+        query, keys = rotated.split_with_sizes(layer.heads, dim=1)
+        values = projected[:, query_heads + kv_heads :]
+        slots.write(layer.index, step.at, keys, values)
+        keys, values = slots.view(layer.index, n, step.width)
+        out = attend_by_run(step.runs, query, keys, values, layer.attend)
+        return out.reshape(n, -1)
+
+
+class OneRow(Protocol):
+    """Compiled one-row layers (``compiled_step``): ``LlamaLayers`` for row 0 alone."""
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        rotation: Rotation,
+        position: torch.Tensor,
+        width: int,
+        slots: RowSlots,
+    ) -> torch.Tensor: ...
+
+
 class LlamaStep(DecoderOnlyStep):
     """``DecoderOnlyStep`` with a hand-written ``decode``."""
+
+    one_row: OneRow | None = None
+    """Set once a compiled package gave these layers' values (``compiled_step.attach``):
+    steps of one row then run it."""
 
     @staticmethod
     def fits(model: PreTrainedModel) -> bool:
@@ -175,37 +238,23 @@ class LlamaStep(DecoderOnlyStep):
     def __init__(self, model: PreTrainedModel, positions: int) -> None:
         super().__init__(model, positions)
         body = model.model
-        self.embed, self.final_norm = body.embed_tokens, norm_of(body.norm)
-        self.layers = [_Layer.of(layer) for layer in body.layers]
+        self.embed, self.layers = body.embed_tokens, LlamaLayers(model)
         self.head = rows_product(model.lm_head)
         # Every position's rotation once: the model computes each position's alone, as
         # one product and an elementwise cos and sin, so a table holds the same values.
         every = torch.arange(positions, device=self.device)[None]
         hidden = torch.zeros(1, dtype=model.dtype, device=self.device)
-        self.rotation = _Rotation.of(*body.rotary_emb(hidden, every))
+        self.rotation = Rotation.of(*body.rotary_emb(hidden, every))
 
     def decode(
         self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
     ) -> torch.Tensor:
         width, runs = self._make_room(positions, replies)
-        hidden = self.embed(tokens)
-        step = _StepRows(self.slots.at(positions), self.rotation.at(positions), runs, width)
-        for layer in self.layers:
-            hidden = layer.add_output(hidden, self._attend(layer, layer.input_norm(hidden), step))
-            gate, up = layer.gate_up(layer.post_attention_norm(hidden)).chunk(2, dim=-1)
-            hidden = layer.add_down(hidden, layer.activation(gate) * up)
-        return self.head(self.final_norm(hidden))
-
-    def _attend(self, layer: _Layer, states: torch.Tensor, step: _StepRows) -> torch.Tensor:
-        """``LlamaAttention.forward`` up to its output projection, for one new position
-        per row: (n, hidden) states, viewed as the model's (n, heads, 1, head_dim)."""
-        n = states.shape[0]
-        projected = layer.queries_keys_values(states).view(n, -1, 1, layer.head_dim)
-        query_heads, kv_heads = layer.heads
-        rotated = step.rotation.apply(projected[:, : query_heads + kv_heads])
-        query, keys = rotated.split_with_sizes(layer.heads, dim=1)
-        values = projected[:, query_heads + kv_heads :]
-        self.slots.write(layer.index, step.at, keys, values)
-        keys, values = self.slots.view(layer.index, n, step.width)
-        out = attend_by_run(step.runs, query, keys, values, layer.attend)
-        return out.reshape(n, -1)
+        hidden, rotation = self.embed(tokens), self.rotation.at(positions)
+        one_row = self.one_row
+        if one_row is not None and tokens.shape[0] == 1:
+            hidden = one_row(hidden, rotation, positions, width, self.slots)
+        else:
+            step = StepRows(self.slots.at(positions), rotation, runs, width)
+            hidden = self.layers(hidden, step, self.slots)
+        return self.head(hidden)

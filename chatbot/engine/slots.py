@@ -33,6 +33,15 @@ class RowSlots:
         self.keys = [self._empty(0, 0) for _ in range(layers)]
         self.values = [self._empty(0, 0) for _ in range(layers)]
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> RowSlots:
+        """Slots whose buffers are ``keys`` and ``values`` as they are (a compiled
+        step's inputs, ``compiled_step``)."""
+        _, heads, positions, head_dim = keys[0].shape
+        slots = cls(0, heads, positions, head_dim, keys[0].dtype, keys[0].device)
+        slots.keys, slots.values = list(keys), list(values)
+        return slots
+
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[0]

@@ -1,0 +1,276 @@
+"""The Llama step for one conversation, compiled ahead of time (AOTInductor).
+
+When one person chats alone, a SmolLM2 token is 30 layers of about 35 small torch
+calls each beside the weight products, and the calls, not the arithmetic, take most of
+the step. ``torch.export`` plus AOTInductor turn ``LlamaLayers`` for one row into one
+C++ function: measured 1.35-1.45x the eager step (``benchmarks/aoti_probe.py``).
+``torch.compile`` would pay its 100-210 s at every start; this package is built once
+per model, precision, CPU and code version (35-50 s for SmolLM2, in a subprocess, while
+the eager step serves) and loads in 0.1 s from then on.
+
+**Exact or not used.** The decode loop promises ``generate``'s replies, so the compiled
+step must give the eager step's values to the bit. Inductor's own reduction for
+``rms_norm`` sums in another order than ATen's, so the norm stays ATen's, behind an
+opaque custom op; everything else (products, rotation, attention, cache writes) is
+inductor's, and agrees. A package is attached to a step only after it gave the eager
+layers' outputs and cache writes bit for bit on random inputs (``verified``); a CPU,
+torch or code change that breaks this leaves the eager step serving.
+
+Only steps of one row use it: a batch's rows take the eager step, whose values per
+row are the same (every kernel computes each row alone), so a reply does not depend
+on whether it ran alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional
+from transformers import PreTrainedModel
+
+from chatbot.engine.kernels.cpu import cpu_isa
+from chatbot.engine.llama_step import LlamaLayers, LlamaStep, Rotation, StepRows
+from chatbot.engine.model_step import ModelStep, _Run
+from chatbot.engine.slots import RowSlots
+
+logger = logging.getLogger(__name__)
+
+BUILD_LIMIT_S = 900
+"""A build that takes longer (SmolLM2: under a minute) is stopped; the eager step serves."""
+
+SOURCES = Path(__file__).resolve().parent
+"""The engine's code, part of every package's key: a code change builds anew."""
+
+
+@torch.library.custom_op("chatbot::rms_norm", mutates_args=())
+def aten_rms_norm(
+    input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """ATen's ``rms_norm``, opaque to inductor (which would sum in its own order)."""
+    return functional.rms_norm(input, normalized_shape, weight, eps)
+
+
+@aten_rms_norm.register_fake
+def _(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor, eps: float):
+    return torch.empty_like(input)
+
+
+class OneRowLayers(nn.Module):
+    """``layers`` for one row, with the step's state as inputs: what is exported (with
+    the norm opaque), and what its package is checked against (the step's own layers).
+
+    Inputs: the row's (1, hidden) embedding, its rotation, its (1,) position, a tensor
+    as long as the reply so far (its length is the attention's width, dynamic), and each
+    layer's (1, heads, capacity, head_dim) key and value buffers (written in place)."""
+
+    def __init__(self, model: PreTrainedModel, layers: LlamaLayers) -> None:
+        super().__init__()
+        self.model = model  # a submodule: its weights are the program's parameters
+        self.layers = layers
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        position: torch.Tensor,
+        width_of: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        width = width_of.shape[0]
+        at = (torch.zeros(1, dtype=torch.long, device=position.device), position)
+        step = StepRows(at, Rotation(cos, signed_sin), [_Run(slice(0, 1), width)], width)
+        return self.layers(hidden, step, RowSlots.over(keys, values))
+
+
+def inputs_of(
+    hidden: torch.Tensor, rotation: Rotation, position: torch.Tensor, width: int, slots: RowSlots
+) -> tuple:
+    """``OneRowLayers``' inputs for row 0 of ``slots`` at ``position``."""
+    width_of = torch.empty(width, device=hidden.device)  # only its length is read
+    keys, values = [k[:1] for k in slots.keys], [v[:1] for v in slots.values]
+    return hidden, rotation.cos, rotation.signed_sin, position, width_of, keys, values
+
+
+def random_inputs(step: LlamaStep, width: int, capacity: int, seed: int = 0) -> tuple:
+    """Inputs of a row that has ``width - 1`` random keys and values, in fresh slots."""
+    generator = torch.Generator().manual_seed(seed)
+    slots = step.slots
+    scratch = RowSlots(
+        len(slots.keys), slots.heads, capacity, slots.head_dim, slots.dtype, step.device
+    )
+    scratch.reserve(1, capacity)
+    for buffer in (*scratch.keys, *scratch.values):
+        buffer.copy_(torch.randn(buffer.shape, generator=generator))
+    hidden_size = step.embed.weight.shape[1]
+    hidden = torch.randn(1, hidden_size, generator=generator).to(step.device)
+    position = torch.tensor([width - 1], device=step.device)
+    return inputs_of(hidden, step.rotation.at(position), position, width, scratch)
+
+
+def export(step: LlamaStep) -> torch.export.ExportedProgram:
+    """``OneRowLayers`` of ``step``'s model, for any width and buffer capacity."""
+    most = step.slots.max_positions
+    width = torch.export.Dim("width", min=2, max=most)
+    capacity = torch.export.Dim("capacity", min=2, max=most)
+    example = random_inputs(step, width=5, capacity=16)
+    buffers = [{2: capacity}] * len(step.slots.keys)
+    dynamic = (None, None, None, None, {0: width}, buffers, buffers)
+    with torch.no_grad():
+        exported = OneRowLayers(step.model, LlamaLayers(step.model, aten_rms_norm))
+        return torch.export.export(exported, example, dynamic_shapes=dynamic)
+
+
+def package_name(source: str | Path, dtype: str, pack_weights: bool) -> str:
+    """The package's file name: a digest of all it depends on (the model's files, how
+    they are loaded, the CPU, torch and this engine's code)."""
+    digest = hashlib.sha256()
+    for part in (torch.__version__, str(cpu_isa()), dtype, str(pack_weights)):
+        digest.update(part.encode() + b"\0")
+    for file in sorted(Path(source).rglob("*")):
+        if file.is_file():
+            stat = file.stat()
+            digest.update(
+                f"{file.relative_to(source)} {stat.st_size} {stat.st_mtime_ns}\0".encode()
+            )
+    for file in sorted(SOURCES.rglob("*.py")):
+        digest.update(file.read_bytes())
+    return f"llama-one-row-{digest.hexdigest()[:16]}.pt2"
+
+
+def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> None:
+    """Load the model as the service does, export its one-row layers and compile them
+    into ``package`` (written whole or not at all)."""
+    from chatbot.engine.chat_engine import ChatEngine  # the service's own loading
+
+    engine = ChatEngine.load(source, "compiled step", pack_weights=pack_weights, dtype=dtype)
+    step = engine.model_step()
+    if not isinstance(step, LlamaStep):
+        raise TypeError(f"{source} is not served by the Llama step")
+    program = export(step)
+    package.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=package.parent) as building:
+        built = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(Path(building) / package.name)
+        )
+        os.replace(built, package)
+
+
+class CompiledOneRow:
+    """A loaded package, called as ``LlamaStep`` calls its one-row layers."""
+
+    def __init__(self, package: Path) -> None:
+        self.runner = torch._inductor.aoti_load_package(str(package))
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        rotation: Rotation,
+        position: torch.Tensor,
+        width: int,
+        slots: RowSlots,
+    ) -> torch.Tensor:
+        return self.runner(*inputs_of(hidden, rotation, position, width, slots))
+
+
+def verified(step: LlamaStep, compiled: CompiledOneRow) -> bool:
+    """Whether ``compiled`` gives ``step``'s eager layers' outputs and key/value writes
+    to the bit, at a few widths."""
+    with torch.inference_mode():
+        for width, capacity in ((2, 16), (37, 64), (100, 128)):
+            eager_inputs = random_inputs(step, width, capacity)
+            compiled_inputs = random_inputs(step, width, capacity)
+            eager = OneRowLayers(step.model, step.layers)(*eager_inputs)
+            out = compiled.runner(*compiled_inputs)
+            eager_buffers = [*eager_inputs[5], *eager_inputs[6]]
+            compiled_buffers = [*compiled_inputs[5], *compiled_inputs[6]]
+            if not torch.equal(eager, out) or not all(
+                map(torch.equal, eager_buffers, compiled_buffers)
+            ):
+                return False
+    return True
+
+
+def attach(step: LlamaStep, source: str | Path, dtype: str, pack_weights: bool, cache: Path) -> str:
+    """Give ``step`` its compiled one-row layers, building the package first if
+    ``cache`` has none for this model and machine; what happened, in words."""
+    package = cache / package_name(source, dtype, pack_weights)
+    started = time.perf_counter()
+    if not package.exists():
+        command = [
+            sys.executable,
+            "-m",
+            __name__,
+            str(source),
+            dtype,
+            str(pack_weights),
+            str(package),
+        ]
+        try:
+            done = subprocess.run(
+                command,
+                cwd=SOURCES.parent.parent,
+                capture_output=True,
+                text=True,
+                timeout=BUILD_LIMIT_S,
+            )
+        except subprocess.TimeoutExpired:
+            return f"could not compile the one-row step in {BUILD_LIMIT_S} s"
+        if done.returncode != 0:
+            return f"could not compile the one-row step: {done.stderr.strip()[-2000:]}"
+    compiled = CompiledOneRow(package)
+    if not verified(step, compiled):
+        return f"{package} does not give the eager step's values: not used"
+    step.one_row = compiled
+    return f"one-row step compiled ({package.name}, ready in {time.perf_counter() - started:.1f} s)"
+
+
+class Compilation:
+    """How a decode step's compilation stands: ``eager`` (nothing to compile, or it
+    failed), ``compiling`` (in the background; the eager step serves meanwhile) or
+    ``compiled`` (steps of one row run the package)."""
+
+    def __init__(self, step: ModelStep | None = None, thread: threading.Thread | None = None):
+        self.step, self.thread = step, thread
+
+    @property
+    def state(self) -> Literal["eager", "compiling", "compiled"]:
+        if isinstance(self.step, LlamaStep) and self.step.one_row is not None:
+            return "compiled"
+        return "compiling" if self.thread is not None and self.thread.is_alive() else "eager"
+
+
+def attach_in_background(
+    step: ModelStep, source: str | Path, dtype: str, pack_weights: bool, cache: Path
+) -> Compilation:
+    """``attach`` in a thread of its own, for a Llama step on the CPU, while the step
+    serves eagerly; it logs what happened."""
+    if not isinstance(step, LlamaStep) or step.device.type != "cpu":
+        return Compilation(step)
+
+    def attach_and_say() -> None:
+        try:
+            logger.info(attach(step, source, dtype, pack_weights, cache))
+        except Exception:  # the eager step serves on; say why the compiled one won't
+            logger.exception("the one-row step could not be compiled; the eager step serves")
+
+    thread = threading.Thread(target=attach_and_say, name="compile-one-row", daemon=True)
+    thread.start()
+    return Compilation(step, thread)
+
+
+if __name__ == "__main__":
+    source, dtype, pack, target = sys.argv[1:]
+    build(source, dtype, pack == "True", Path(target))
