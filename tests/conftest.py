@@ -91,8 +91,7 @@ def offline_env(bentoml_home: Path, model: Path | str) -> dict[str, str]:
         "BENTOML_HOME": str(bentoml_home),
         "CHATBOT_MODEL": str(model),
         # Off: each server on the tiny chat model would compile its own step on the
-        # suite's two cores. The compiled step is tested alone (test_compiled_step) and
-        # served by `make run` (test_offline_model).
+        # suite's two cores. `make run`'s test builds and serves one (test_offline_model).
         "CHATBOT_COMPILE_STEP": "false",
         "HF_HUB_OFFLINE": "1",
         "BENTOML_DO_NOT_TRACK": "True",
@@ -620,7 +619,6 @@ LANES = ("shared-servers", "own-processes")
 OWN_PROCESS_MODULES = frozenset(
     {
         "test_bench.py",
-        "test_compiled_step.py",
         "test_deploy.py",
         "test_import_model.py",
         "test_offline_model.py",

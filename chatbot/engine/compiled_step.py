@@ -10,9 +10,9 @@ the eager step serves) and loads in 0.1 s from then on.
 
 **Exact or not used.** The decode loop promises ``generate``'s replies, so the compiled
 step must give the eager step's values to the bit. Inductor's own reduction for
-``rms_norm`` sums in another order than ATen's, so the norm stays ATen's, behind an
-opaque custom op; everything else (products, rotation, attention, cache writes) is
-inductor's, and agrees. A package is attached to a step only after it gave the eager
+``rms_norm``'s mean sums in another order than ATen's, so that one reduction stays
+ATen's (``atens_mean``); everything else (products, rotation, attention, cache
+writes) is inductor's, and agrees. A package is attached to a step only after it gave the eager
 layers' outputs and cache writes bit for bit on random inputs (``verified``); a CPU,
 torch or code change that breaks this leaves the eager step serving.
 
@@ -31,12 +31,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional
 from transformers import PreTrainedModel
 
 from chatbot.engine.kernels.cpu import cpu_isa
@@ -53,22 +53,8 @@ SOURCES = Path(__file__).resolve().parent
 """The engine's code, part of every package's key: a code change builds anew."""
 
 
-@torch.library.custom_op("chatbot::rms_norm", mutates_args=())
-def aten_rms_norm(
-    input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """ATen's ``rms_norm``, opaque to inductor (which would sum in its own order)."""
-    return functional.rms_norm(input, normalized_shape, weight, eps)
-
-
-@aten_rms_norm.register_fake
-def _(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor, eps: float):
-    return torch.empty_like(input)
-
-
 class OneRowLayers(nn.Module):
-    """``layers`` for one row, with the step's state as inputs: what is exported (with
-    the norm opaque), and what its package is checked against (the step's own layers).
+    """``layers`` for one row, with the step's state as inputs: what is exported.
 
     Inputs: the row's (1, hidden) embedding, its rotation, its (1,) position, a tensor
     as long as the reply so far (its length is the attention's width, dynamic), and each
@@ -129,7 +115,7 @@ def export(step: LlamaStep) -> torch.export.ExportedProgram:
     buffers = [{2: capacity}] * len(step.slots.keys)
     dynamic = (None, None, None, None, {0: width}, buffers, buffers)
     with torch.no_grad():
-        exported = OneRowLayers(step.model, LlamaLayers(step.model, aten_rms_norm))
+        exported = OneRowLayers(step.model, step.layers)
         return torch.export.export(exported, example, dynamic_shapes=dynamic)
 
 
@@ -150,6 +136,16 @@ def package_name(source: str | Path, dtype: str, pack_weights: bool) -> str:
     return f"llama-one-row-{digest.hexdigest()[:16]}.pt2"
 
 
+def atens_mean() -> None:
+    """Have inductor call ATen's ``mean`` (the reduction in ``rms_norm``) rather than
+    generate its own loop, which sums in another order: SmolLM2's logits changed from
+    its third step on. The norm's pointwise operations are inductor's, and agree. For
+    the build's own process only: it changes inductor for the whole process."""
+    from torch._inductor import lowering
+
+    lowering.make_fallback(torch.ops.aten.mean.dim, warn=False)
+
+
 def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> None:
     """Load the model as the service does, export its one-row layers and compile them
     into ``package`` (written whole or not at all)."""
@@ -160,6 +156,7 @@ def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> 
     if not isinstance(step, LlamaStep):
         raise TypeError(f"{source} is not served by the Llama step")
     program = export(step)
+    atens_mean()
     package.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=package.parent) as building:
         built = torch._inductor.aoti_compile_and_package(
@@ -185,15 +182,15 @@ class CompiledOneRow:
         return self.runner(*inputs_of(hidden, rotation, position, width, slots))
 
 
-def verified(step: LlamaStep, compiled: CompiledOneRow) -> bool:
-    """Whether ``compiled`` gives ``step``'s eager layers' outputs and key/value writes
-    to the bit, at a few widths."""
+def verified(step: LlamaStep, runner: Callable[..., torch.Tensor]) -> bool:
+    """Whether ``runner`` (a package's, on ``OneRowLayers``' inputs) gives ``step``'s
+    eager layers' outputs and key/value writes to the bit, at a few widths."""
     with torch.inference_mode():
         for width, capacity in ((2, 16), (37, 64), (100, 128)):
             eager_inputs = random_inputs(step, width, capacity)
             compiled_inputs = random_inputs(step, width, capacity)
             eager = OneRowLayers(step.model, step.layers)(*eager_inputs)
-            out = compiled.runner(*compiled_inputs)
+            out = runner(*compiled_inputs)
             eager_buffers = [*eager_inputs[5], *eager_inputs[6]]
             compiled_buffers = [*compiled_inputs[5], *compiled_inputs[6]]
             if not torch.equal(eager, out) or not all(
@@ -231,7 +228,7 @@ def attach(step: LlamaStep, source: str | Path, dtype: str, pack_weights: bool, 
         if done.returncode != 0:
             return f"could not compile the one-row step: {done.stderr.strip()[-2000:]}"
     compiled = CompiledOneRow(package)
-    if not verified(step, compiled):
+    if not verified(step, compiled.runner):
         return f"{package} does not give the eager step's values: not used"
     step.one_row = compiled
     return f"one-row step compiled ({package.name}, ready in {time.perf_counter() - started:.1f} s)"

@@ -56,19 +56,7 @@ def added_product(linear: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], t
     return lambda residual, x: residual + linear(x)
 
 
-class RmsNorm(Protocol):
-    """``functional.rms_norm``, or an op called as it is."""
-
-    def __call__(
-        self,
-        input: torch.Tensor,
-        normalized_shape: list[int],
-        weight: torch.Tensor | None = None,
-        eps: float | None = None,
-    ) -> torch.Tensor: ...
-
-
-def norm_of(norm: LlamaRMSNorm, rms_norm: RmsNorm = functional.rms_norm) -> Product:
+def norm_of(norm: LlamaRMSNorm) -> Product:
     """``norm``: torch's own ``rms_norm`` in float32 (the operations ``LlamaRMSNorm``
     makes one by one), the module itself in any other dtype, where it rounds in
     between."""
@@ -76,7 +64,10 @@ def norm_of(norm: LlamaRMSNorm, rms_norm: RmsNorm = functional.rms_norm) -> Prod
     if weight.dtype != torch.float32:
         return norm
     return partial(
-        rms_norm, normalized_shape=list(weight.shape), weight=weight, eps=norm.variance_epsilon
+        functional.rms_norm,
+        normalized_shape=weight.shape,
+        weight=weight,
+        eps=norm.variance_epsilon,
     )
 
 
@@ -113,13 +104,13 @@ class _Layer:
     head_dim: int
 
     @classmethod
-    def of(cls, layer: LlamaDecoderLayer, rms_norm: RmsNorm) -> _Layer:
+    def of(cls, layer: LlamaDecoderLayer) -> _Layer:
         attention, mlp = layer.self_attn, layer.mlp
         query_heads = attention.q_proj.out_features // attention.head_dim
         grouped = attention.num_key_value_groups > 1
         return cls(
             attention.layer_idx,
-            norm_of(layer.input_layernorm, rms_norm),
+            norm_of(layer.input_layernorm),
             side_by_side(attention, ("q_proj", "k_proj", "v_proj")),
             partial(
                 functional.scaled_dot_product_attention,
@@ -127,7 +118,7 @@ class _Layer:
                 enable_gqa=grouped,
             ),
             added_product(attention.o_proj),
-            norm_of(layer.post_attention_layernorm, rms_norm),
+            norm_of(layer.post_attention_layernorm),
             side_by_side(mlp, ("gate_proj", "up_proj")),
             mlp.act_fn,
             added_product(mlp.down_proj),
@@ -173,12 +164,12 @@ class StepRows(NamedTuple):
 class LlamaLayers:
     """A Llama model's decoder layers and final norm, for one new position per row:
     what ``LlamaStep.decode`` runs between the embedding and the LM head, on any key/
-    value slots (``compiled_step`` exports it for one row, its norm opaque)."""
+    value slots (``compiled_step`` exports it for one row)."""
 
-    def __init__(self, model: PreTrainedModel, rms_norm: RmsNorm = functional.rms_norm) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         body = model.model
-        self.layers = [_Layer.of(layer, rms_norm) for layer in body.layers]
-        self.final_norm = norm_of(body.norm, rms_norm)
+        self.layers = [_Layer.of(layer) for layer in body.layers]
+        self.final_norm = norm_of(body.norm)
 
     def __call__(self, hidden: torch.Tensor, step: StepRows, slots: RowSlots) -> torch.Tensor:
         for layer in self.layers:
