@@ -65,7 +65,9 @@ def main() -> None:
     path = checkpoint_of(args.model)
     engine = ChatEngine.load(path, "probe", dtype=args.dtype)
     prompt = list(engine.encode(ChatRequest(messages=conversations(1)[0])).input_ids)
-    eager, compiled = engine.model_step(), engine.model_step()
+    # Two models: attaching gives the model's LM head its compiled product too.
+    eager = ChatEngine.load(path, "probe", dtype=args.dtype).model_step()
+    compiled = engine.model_step()
     assert isinstance(compiled, LlamaStep), "the compiled step serves Llama models"
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()

@@ -54,6 +54,11 @@ global
 defaults
     mode http
     log global
+    # Only requests that went wrong are logged, each with its termination state (which
+    # side closed, at what stage): the drill's report quotes them.
+    option httplog
+    option dontlog-normal
+    option log-separate-errors
     timeout connect 1s
     timeout client 60s
     timeout server 60s
@@ -113,6 +118,7 @@ class Drill:
     outcomes: list[Outcome] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
     out_of_balancer: float = 0.0  # when HAProxy had taken the killed replica out
+    balancer_errors: list[str] = field(default_factory=list)  # HAProxy's log of them
 
     def during(self, phase: Phase) -> list[Outcome]:
         """The requests that ended in ``phase``: what it did to them."""
@@ -130,6 +136,7 @@ class Drill:
                     f"    {route:<9} answered {len(ended):4d}, failed {sum(failed.values()):2d} "
                     f"{dict(failed) or ''} slowest {slowest:.2f} s"
                 )
+        lines += ["HAProxy's log of the requests that went wrong:", *self.balancer_errors]
         return "\n".join(lines)
 
 
@@ -239,6 +246,12 @@ class Balancer:
         self.process.terminate()
         self.process.wait(timeout=30)
 
+    def request_errors(self) -> list[str]:
+        """The log lines of requests that went wrong (``option dontlog-normal``), not
+        the lines of health-check events."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if ' HTTP/1.1"' in line]
+
 
 class SteadyLoad:
     """``CLIENTS`` clients through each of the balancer's routes, each client with its
@@ -334,6 +347,7 @@ def run_drill(env: dict[str, str], work_dir: Path) -> Drill:
             load.stop()
         if balancer is not None:
             balancer.stop()
+            drill.balancer_errors = balancer.request_errors()
         for replica in replicas:
             replica.stop()
 

@@ -2,17 +2,28 @@
 the eager layers' outputs and key/value writes, bit for bit. The layers of the same
 model pass; the layers of a model whose weights differ in one norm do not. (Building,
 caching and serving a package on the real offline model, and its replies against the
-eager step's, are ``make run``'s test: tests/test_offline_model.py.)"""
+eager step's, are ``make run``'s test: tests/test_offline_model.py.) Inductor picks its
+own kernels only for products that every exact kernel computes alike: int8 layers and
+int4's and int8's head, where AMX takes int8 activations without a zero point."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from chatbot.engine.chat_engine import ChatEngine
-from chatbot.engine.compiled_step import OneRowLayers, package_name, verified
+from chatbot.engine.compiled_step import (
+    OneRowLayers,
+    exact_head,
+    head_verified,
+    package_name,
+    sums_exactly,
+    verified,
+)
+from chatbot.engine.kernels.cpu import at_least
 from chatbot.engine.llama_step import LlamaLayers, LlamaStep
 
 
@@ -36,3 +47,30 @@ def test_a_package_is_named_by_all_it_depends_on(tiny_chat_checkpoint: Path, tmp
     assert name != package_name(model, "int4", False)
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
     assert name != package_name(model, "int4", True)  # the weights written anew
+
+
+AMX = at_least("avx512_core_amx")  # where int8's activations have no zero point
+
+
+@pytest.mark.parametrize(
+    ("dtype", "int8_layers"), [("int8", True), ("int4", False), ("float32", False)]
+)
+def test_inductor_picks_kernels_only_where_every_exact_kernel_agrees(
+    tiny_chat_checkpoint: Path, dtype: str, int8_layers: bool
+):
+    model = ChatEngine.load(tiny_chat_checkpoint, "tiny-chat", dtype=dtype).model
+    assert sums_exactly(model.model.layers) is (int8_layers and AMX)
+    int8_head = dtype != "float32"  # int4's head is int8 too
+    assert (exact_head(model) is not None) is (int8_head and AMX)
+
+
+@pytest.mark.skipif(not AMX, reason="the head's product is compiled only with AMX")
+def test_only_the_heads_own_product_passes_as_its_compiled_one(tiny_chat_checkpoint: Path):
+    head = exact_head(ChatEngine.load(tiny_chat_checkpoint, "tiny-chat", dtype="int4").model)
+    other = exact_head(ChatEngine.load(tiny_chat_checkpoint, "tiny-chat", dtype="int8").model)
+    assert head is not None
+    assert other is not None
+    assert head_verified(head, head.cheap_product)
+    with torch.no_grad():
+        other.weight_scales.mul_(1.001)  # the same integers, scaled a little differently
+    assert not head_verified(head, other.cheap_product)

@@ -3,13 +3,23 @@
 Weights are quantized once, symmetrically, with one scale per output channel (row of
 W). Activations are quantized at each call with one scale per input row (its absolute
 maximum over 127), so a row's integers depend on that row alone. oneDNN multiplies
-unsigned 8-bit activations (the signed values shifted by 128, its zero point) by the
-signed weights and sums in 32-bit integers, which is exact: the product of a row is the
-same whatever rows share the call and whichever kernel the row count selects. The
-row's and the channel's scales are applied afterwards, element by element.
+the signed 8-bit activations by the signed weights and sums in 32-bit integers, which
+is exact: the product of a row is the same whatever rows share the call and whichever
+kernel the row count selects. The row's and the channel's scales are applied
+afterwards, element by element.
 
-Without VNNI (AVX2, AVX-512 without VNNI) oneDNN adds each pair of u8 x s8 products in
-a saturating 16-bit sum first (``vpmaddubsw``): 2 x 255 x 127 overflows it, and
+Where AMX multiplies them, the activations go to oneDNN as signed bytes, with no zero
+point. Then every exact kernel computes the same floats from the same sums, so the
+compiled one-row step may let inductor pick its own (``sums_exactly``): with the usual
+unsigned activations (the signed values shifted by 128, the zero point), a kernel must
+take the shift's sum back out, which oneDNN does in integers and inductor's AMX kernel
+in float32 after scaling, one rounding more. Elsewhere they stay unsigned: there oneDNN
+multiplies signed activations with its reference code (measured 1,000x slower with
+AVX512_VNNI or AVX-VNNI, 2x without VNNI).
+
+Without VNNI (AVX2, AVX-512 without VNNI) oneDNN shifts the activations into unsigned
+bytes and adds each pair of u8 x s8 products in a saturating 16-bit sum first
+(``vpmaddubsw``): 2 x 255 x 127 overflows it, and
 measured rows came out 15% off. There the weights take 7 bits (-63..63), as fbgemm's
 ``reduce_range`` does for the same reason, and every sum is exact again.
 
@@ -26,7 +36,6 @@ from torch import nn
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.rows import BATCH_HINT, PackedLinear
 
-_ZERO_POINT = 128
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -41,10 +50,19 @@ def absmax_scales(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
     return (x.abs().amax(dim=1, keepdim=True) / levels).clamp_(min=_TINY)
 
 
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, in) float32 -> uint8 rows shifted by 128, and each row's scale."""
+def activation_zero_point() -> int:
+    """0 (signed activations) where AMX multiplies them, 128 (unsigned) elsewhere."""
+    return 0 if at_least("avx512_core_amx") else 128
+
+
+def quantize_rows(rows: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, in) float32 -> bytes (int8, or uint8 shifted by ``zero_point``), and each
+    row's scale."""
     scales = absmax_scales(rows)
-    return rows.div(scales).round_().add_(_ZERO_POINT).to(torch.uint8), scales
+    quantized = rows.div(scales).round_()
+    if zero_point:
+        return quantized.add_(zero_point).to(torch.uint8), scales
+    return quantized.to(torch.int8), scales
 
 
 class Int8Linear(PackedLinear):
@@ -57,11 +75,13 @@ class Int8Linear(PackedLinear):
         quantized = weight.div(self.weight_scales[:, None]).round_().to(torch.int8)
         self.packed = torch.ops.onednn.qlinear_prepack(quantized, [BATCH_HINT, self.in_features])
         self._no_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+        self.zero_point = activation_zero_point()
+        self.sums_exactly = self.zero_point == 0
 
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
-        quantized, scales = quantize_rows(rows)
+        quantized, scales = quantize_rows(rows, self.zero_point)
         out = torch.ops.onednn.qlinear_pointwise(
-            quantized, 1.0, _ZERO_POINT, self.packed, self.weight_scales, self._no_zero_points,
+            quantized, 1.0, self.zero_point, self.packed, self.weight_scales, self._no_zero_points,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         out = out.mul_(scales)

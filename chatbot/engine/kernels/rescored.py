@@ -18,6 +18,8 @@ multiplies row by row), keeps its speed at 32 rows: the head of ``int4`` and ``i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -30,14 +32,26 @@ class Rescored(PackedLinear):
     """Mixed in before a kernel: its product, then the best candidates in float32."""
 
     RESCORED = 32
+    one_row: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The kernel's product of a single row compiled (``compiled_step``), set once it
+    gave the kernel's own values bit for bit: a conversation alone reads the whole
+    vocabulary's weights every token."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
         self.weight = linear.weight.detach()
 
+    def cheap_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """The kernel's own product: the class after this mixin in the method order."""
+        return super()._multiply(rows)  # type: ignore[safe-super]
+
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
-        # The kernel's own: the class after this mixin in the method order.
-        out = super()._multiply(rows)  # type: ignore[safe-super]
+        one_row = self.one_row
+        out = (
+            one_row(rows)
+            if one_row is not None and rows.shape[0] == 1
+            else self.cheap_product(rows)
+        )
         best = out.topk(min(self.RESCORED, self.out_features), dim=1).indices
         exact = (self.weight[best] * rows[:, None, :]).sum(dim=-1)
         if self.bias is not None:

@@ -105,6 +105,10 @@ class PackedLinear(nn.Module, ABC):
     """The kernel's name, shown by ``repr``."""
     smallest_call = 1
     """The fewest rows handed to the kernel at once (a single row is padded up to it)."""
+    sums_exactly = False
+    """Whether any kernel that computes this product exactly gives the same floats, bit
+    for bit (integer sums, scaled without a zero point: ``Int8Linear`` with AMX), so
+    that ``compiled_step`` may let inductor choose one."""
 
     def row_counts(self) -> list[int]:
         """Every row count ``_bucketed`` hands the kernel."""
