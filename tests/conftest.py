@@ -624,6 +624,7 @@ OWN_PROCESS_MODULES = frozenset(
         "test_offline_model.py",
         "test_page_copies.py",
         "test_replica_drill.py",
+        "test_settings.py",  # a real `bentoml serve` that must refuse to start
     }
 )
 
@@ -635,7 +636,7 @@ def lane_of(item: pytest.Item) -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--lane", choices=LANES, help="run only this lane's tests")
     parser.addoption(
-        "--soak-requests", type=int, default=1000,
+        "--soak-requests", type=int, default=600,
         help="requests of each soak after its warm-up (the long soak: 5000 or more)",
     )  # fmt: skip
 

@@ -4,7 +4,11 @@ start with a message that names the variable, not with a traceback from deep ins
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+from conftest import ROOT, ModelStore
 
 from chatbot.settings import Settings
 
@@ -36,3 +40,15 @@ def test_the_smallest_useful_values_are_taken(monkeypatch: pytest.MonkeyPatch):
     settings = Settings.from_env()
     assert (settings.max_batch_size, settings.max_waiting, settings.coalesce_ms) == (2, 0, 0.0)
     assert settings.max_rows == 1
+
+
+def test_the_service_refuses_to_start_on_a_bad_dtype(model_store: ModelStore):
+    started = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service:Chatbot",
+         "--host", "127.0.0.1", "--port", "1"],
+        cwd=ROOT, env={**model_store.env, "CHATBOT_DTYPE": "half"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode != 0
+    choices = "auto, bfloat16, float16, float32, int4, int8"
+    assert f"CHATBOT_DTYPE must be one of {choices}, not 'half'" in started.stdout + started.stderr

@@ -3,11 +3,11 @@
 When one person chats alone, a SmolLM2 token is 30 layers of about 35 small torch
 calls each beside the weight products, and the calls take about 40% of the step (the
 int4 products 4.7 ms of 12). ``torch.export`` plus AOTInductor turn ``LlamaLayers``
-for one row into one C++ function: measured 1.38-1.51x the eager step
-(``benchmarks/aoti_probe.py``).
+for one row into one C++ function: measured 1.58x the eager step in int4 and 2.51x in
+int8 (``benchmarks/aoti_probe.py``).
 ``torch.compile`` would pay its 100-210 s at every start; this package is built once
-per model, precision, CPU and code version (43-58 s for SmolLM2, in a subprocess, while
-the eager step serves) and loads in 0.1 s from then on.
+per model, precision, CPU and code version (SmolLM2: 48-58 s in int4, 83-98 s in int8,
+in a subprocess, while the eager step serves) and loads in 0.2 s from then on.
 
 **Exact or not used.** The decode loop promises ``generate``'s replies, so the compiled
 step must give the eager step's values to the bit. Inductor's own reduction for
@@ -18,8 +18,9 @@ layers' outputs and cache writes bit for bit on random inputs (``verified``); a 
 torch or code change that breaks this leaves the eager step serving.
 
 **Kernels chosen by measurement where that stays exact.** Where every product of the
-layers sums in integers (``int8``), any kernel gives the same products, so inductor may
-replace oneDNN's with its own, chosen by timing both (max-autotune): its AMX int8
+layers sums in integers and is scaled without a zero point (``int8`` with AMX,
+``PackedLinear.sums_exactly``), every exact kernel gives the same floats, so inductor
+may replace oneDNN's with its own, chosen by timing both (max-autotune): its AMX int8
 kernel multiplies one row 3-6x faster than oneDNN's, which streams the weights at
 about 9 GB/s here. Float products (int4's bfloat16 sums, float32) would change with
 the kernel's order of summing: they keep ATen's and oneDNN's, and the build skips the
@@ -152,8 +153,8 @@ class HeadProduct(nn.Module):
 
 
 def exact_head(model: PreTrainedModel) -> Rescored | None:
-    """``model``'s LM head, if it is rescored after a product that sums in integers
-    (int4's and int8's head): then inductor's kernel gives its values too."""
+    """``model``'s LM head, if it is rescored after a product that any exact kernel
+    computes alike (int4's and int8's int8 head, with AMX): inductor may pick one."""
     head = model.get_output_embeddings()
     return head if isinstance(head, Rescored) and head.sums_exactly else None
 
@@ -191,8 +192,8 @@ def atens_mean() -> None:
 
 
 def sums_exactly(layers: nn.Module) -> bool:
-    """Whether every product in ``layers`` sums in integers (``PackedLinear.sums_exactly``),
-    so that inductor may pick its own kernels for them."""
+    """Whether every product in ``layers`` gives the same floats in any exact kernel
+    (``PackedLinear.sums_exactly``), so that inductor may pick its own kernels."""
     products = [m for m in layers.modules() if isinstance(m, PackedLinear | nn.Linear)]
     return bool(products) and all(getattr(m, "sums_exactly", False) for m in products)
 
@@ -216,7 +217,7 @@ def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> 
 
 def compile_into(package: Path, program: torch.export.ExportedProgram, autotune: bool) -> None:
     """AOTInductor's package of ``program``, written whole or not at all; ``autotune``:
-    inductor picks each product's kernel by timing its own against ATen's."""
+    inductor picks each product's kernel by timing its own against ATen's and oneDNN's."""
     options = {"max_autotune": autotune, "max_autotune_gemm_backends": "CPP,ATEN"}
     with tempfile.TemporaryDirectory(dir=package.parent) as building:
         built = torch._inductor.aoti_compile_and_package(
