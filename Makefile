@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser balancer database container-tools check lint fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-page bench-memory bench-scaling drill quality
+.PHONY: help install browser balancer database container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-page bench-memory bench-scaling drill quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,19 +45,17 @@ container-tools:  ## install Debian's buildah and debootstrap for `make image` w
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; } \
 	  || echo "warning: could not install buildah/debootstrap; the image test will be skipped"; }
 
-check: lint  ## lint, format, types, then the tests that start no server (under 2 minutes)
-	$(PY) -m pytest -m "not server"
-
-lint: install  ## lint, format and types only
+check: install  ## lint, format, types, then the tests that start no server (under 2 minutes)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -m "not server"
 
 fix: install  ## apply ruff's safe fixes and its formatting to the whole tree
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint browser balancer database container-tools  ## the whole offline suite: lint, then `make check`'s tests beside the server layer
+test: check browser balancer database container-tools  ## the whole offline suite: `make check`, then the server layer
 	PY=$(PY) scripts/test_lanes.sh
 
 run: install  ## the service and the chat page together (Ctrl-C stops both)
