@@ -43,10 +43,6 @@ from chatbot.models.offline_model import offline_model_path  # noqa: E402
 LLAMA_CPP_RUNS = ("llama.cpp before", "llama.cpp after")
 
 
-def anchor_runs(workload: str) -> set[tuple[str, str]]:
-    return {(run, workload) for run in LLAMA_CPP_RUNS}
-
-
 @dataclass(frozen=True)
 class Workload:
     name: str

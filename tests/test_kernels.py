@@ -47,8 +47,8 @@ def test_every_kernel_keeps_rows_independent_under_every_instruction_set(
     and on every older one it can pretend to be (oneDNN reads ONEDNN_MAX_CPU_ISA once,
     so each level runs in a fresh process). int8 sums must also be exact, to the bit of
     their float32 scaling: a kernel that saturates (16-bit pair sums without VNNI) would
-    be far off. The bfloat16
-    kernels run as the service runs them: on AMX, capped below it first."""
+    be far off. The bfloat16 kernels run as the service runs them: on AMX, capped below
+    it first."""
     found, *bfloat16 = kernel_probes.result()[level]  # probed in the background
     assert found["isa"] == level
     assert (found["aten"] == "AVX2") == level.startswith("avx2")

@@ -3,8 +3,8 @@
 Weights are quantized once, symmetrically, with one scale per output channel (row of
 W). Activations are quantized at each call with one scale per input row (its absolute
 maximum over 127), so a row's integers depend on that row alone. oneDNN multiplies
-the signed 8-bit activations by the signed weights and sums in 32-bit integers, which
-is exact: the product of a row is the same whatever rows share the call and whichever
+the 8-bit activations by the signed weights and sums in 32-bit integers, which is
+exact: the product of a row is the same whatever rows share the call and whichever
 kernel the row count selects. The row's and the channel's scales are applied
 afterwards, element by element.
 
@@ -19,9 +19,9 @@ AVX512_VNNI or AVX-VNNI, 2x without VNNI).
 
 Without VNNI (AVX2, AVX-512 without VNNI) oneDNN shifts the activations into unsigned
 bytes and adds each pair of u8 x s8 products in a saturating 16-bit sum first
-(``vpmaddubsw``): 2 x 255 x 127 overflows it, and
-measured rows came out 15% off. There the weights take 7 bits (-63..63), as fbgemm's
-``reduce_range`` does for the same reason, and every sum is exact again.
+(``vpmaddubsw``): 2 x 255 x 127 overflows it, and measured rows came out 15% off.
+There the weights take 7 bits (-63..63), as fbgemm's ``reduce_range`` does for the
+same reason, and every sum is exact again.
 
 ``torch.ao``'s dynamic quantization (fbgemm) picks one activation scale per call, so a
 row's result there depends on the rows beside it; ``torch._int_mm`` (signed x signed)
