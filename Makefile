@@ -8,7 +8,7 @@ PORT ?= 3000
 TINY_MODEL := .cache/tiny-blenderbot
 BENTOFILE ?= bentofile.yaml
 
-.PHONY: help install browser balancer database container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-page bench-memory bench-scaling drill quality
+.PHONY: help install browser balancer database container-tools check fix test run serve ui tiny-model offline-model serve-tiny screenshot bento image bench bench-offline bench-page bench-gpu bench-memory bench-scaling drill quality
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -105,6 +105,10 @@ bench-offline: install  ## the offline SmolLM2 served in float32, int8 and int4 
 
 bench-page: install browser  ## a 128-token reply timed on the chat page (make run + headless Chromium) and straight to the service
 	$(PY) benchmarks/page_reply.py $(ARGS)
+
+bench-gpu: install  ## the engine on this machine's GPU, per precision, in one process (or prepare here and run there: see benchmarks/gpu_table.py)
+	$(PY) benchmarks/gpu_table.py --prepare .cache/gpu-table
+	$(PY) benchmarks/gpu_table.py .cache/gpu-table --out .cache/gpu-table/results $(ARGS)
 
 quality: install  ## perplexity and greedy agreement of each precision on real weights (MODEL=hub id, dir or .gguf; default: the offline SmolLM2)
 	$(PY) benchmarks/quality.py $(if $(MODEL),--model $(MODEL)) $(ARGS)

@@ -156,7 +156,10 @@ def apply(
     ``LM_HEAD``), the rest its head kernel, and the layers left in float32 oneDNN's
     packed float32 kernel when ``pack_weights``; projections that read the same input
     are stacked into one layer first (``fuse_projections``; ``fuse``), unless the
-    model is to keep its stock layers. Returns how many layers were replaced (0 on a GPU)."""
+    model is to keep its stock layers. Returns how many layers were replaced (0 on a GPU,
+    whose model is cast whole and only loses cuDNN's attention)."""
+    if model.device.type == "cuda":
+        decode_without_cudnn_attention()
     if not torch.backends.mkldnn.is_available() or model.device.type != "cpu":
         return 0
     if fuse and (pack_weights or precision.kernel is not None):
@@ -169,3 +172,15 @@ def apply(
     if pack_weights:
         replaced += replace_linear_layers(model, Float32Linear)
     return replaced
+
+
+def decode_without_cudnn_attention() -> None:
+    """Leave scaled-dot-product attention to flash and memory-efficient kernels on a GPU.
+
+    On Hopper torch prefers cuDNN's attention for bfloat16 and float16, and cuDNN plans
+    a graph for each new shape, while a decode step's key length is new every step. On
+    an H100 bfloat16 then decoded slower than float32 (Blenderbot 400M, ``generate``: 46
+    against 133 tokens/s at one reply, 284 against 1999 at 32); without it the decode
+    loop ran 2.0-3.2x faster (``benchmarks/gpu_table.py``). Process-wide, as torch's
+    backend switches are."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
