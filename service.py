@@ -15,7 +15,7 @@ import asyncio
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import bentoml
 from bentoml._internal.server.http import traffic
@@ -25,14 +25,10 @@ from pydantic import BaseModel, WithJsonSchema
 from starlette.responses import JSONResponse
 
 from chatbot.engine import precision
-from chatbot.engine.chat_engine import ChatEngine, Request, pick_device
 from chatbot.engine.coalescing import Coalescer
-from chatbot.engine.compiled_step import Compilation, attach_in_background
-from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.errors import QueueFull
 from chatbot.engine.heap import keep_releasing_freed_memory
 from chatbot.engine.own_thread import in_own_thread
-from chatbot.engine.scheduler import QueueFull
-from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import Admission, Limits, busy_response
 from chatbot.http.json_only import JsonOnly
 from chatbot.http.keep_alive import keep_idle_connections
@@ -44,12 +40,25 @@ from chatbot.http.process_metrics import ResidentMemory
 from chatbot.http.readable_errors import ReadableValidationErrors
 from chatbot.http.request_log import RequestLog, note_tokens
 from chatbot.http.response_timeout import ResponseStartTimeout
-from chatbot.schemas import ChatReply, ChatRequest, LegacyChatRequest, ModelInfo, TextRequest
+from chatbot.schemas import (
+    ChatReply,
+    ChatRequest,
+    LegacyChatRequest,
+    ModelInfo,
+    ReplyRequest,
+    TextRequest,
+)
 from chatbot.settings import Settings, display_name
+
+if TYPE_CHECKING:  # the engine proper loads transformers: the workers import it (_load)
+    from chatbot.engine.chat_engine import ChatEngine
+    from chatbot.engine.compiled_step import Compilation
+    from chatbot.engine.continuous import ContinuousBatcher
+    from chatbot.engine.streaming import ReplyStream
 
 settings = Settings.from_env()
 # Refuse what this machine cannot run, now, and set the process up for what it can.
-precision.prepare_process(precision.resolve(settings.dtype, pick_device()))
+precision.prepare_process(precision.resolve(settings.dtype, precision.pick_device()))
 CONTINUOUS = settings.batching == "continuous"
 BUSY = (ServiceUnavailable, QueueFull)  # the batcher's or the decode loop's queue is full
 openai_v1 = build_openai_app(backend_errors=BUSY)
@@ -116,7 +125,7 @@ class Chatbot:
     def start_loading(self) -> None:
         """Load the model in the background so /livez answers while it loads."""
         self.continuous: ContinuousBatcher | None = None
-        self.compilation = Compilation()
+        self.compilation: Compilation | None = None  # None: nothing compiles (eager)
         self.loading = asyncio.create_task(in_own_thread(self._load))
         self.memory_watch = asyncio.create_task(resident_memory.keep_updated())
         if settings.release_memory_every_s > 0:
@@ -139,6 +148,12 @@ class Chatbot:
         )
 
     def _load(self) -> ChatEngine:
+        # Imported here, in the workers: `bentoml serve`'s supervisor imports this file
+        # only to read the service, and transformers would cost it 3 s of CPU and 110 MB.
+        from chatbot.engine.chat_engine import ChatEngine
+        from chatbot.engine.compiled_step import attach_in_background
+        from chatbot.engine.continuous import ContinuousBatcher
+
         metadata = self.model.info.metadata
         engine = ChatEngine.load(
             self.model.path,
@@ -216,16 +231,17 @@ class Chatbot:
 
     async def model_info(self) -> ModelInfo:
         engine = await asyncio.shield(self.loading)
-        return engine.info().model_copy(update={"decode_step": self.compilation.state})
+        decode_step = "eager" if self.compilation is None else self.compilation.state
+        return engine.info().model_copy(update={"decode_step": decode_step})
 
-    async def stream(self, request: Request) -> ReplyStream:
+    async def stream(self, request: ReplyRequest) -> ReplyStream:
         """One reply as it is written: a decode-loop row, or its own ``generate``."""
         engine = await asyncio.shield(self.loading)
         if self.continuous is not None:
             return self.continuous.stream(request)
         return engine.stream(request)  # checks the request itself
 
-    async def reply(self, request: Request) -> ChatReply:
+    async def reply(self, request: ReplyRequest) -> ChatReply:
         """Batch ``request`` with the others; one of BUSY when the queue is full
         (or the batcher predicts a wait past CHATBOT_MAX_LATENCY_MS)."""
         engine = await asyncio.shield(self.loading)

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chatbot.engine import precision  # noqa: E402
-from chatbot.engine.chat_engine import ChatEngine, pick_device  # noqa: E402
+from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.kernels.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
 from chatbot.engine.plan import DecodingPlan  # noqa: E402
 from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
@@ -659,7 +659,7 @@ def main() -> None:
     checkpoint = real_architecture_checkpoint() if args.model == "real-400m" else tiny_checkpoint()
     chats = conversations(max(w.requests for w in workloads))
     max_batch = max(2, *(w.concurrency for w in workloads))  # BentoML's least
-    device = pick_device()
+    device = precision.pick_device()
     chosen = precision.resolve(args.dtype, device)
     precision.prepare_process(chosen)  # as the service does, before any kernel
     # transformers as it comes: float32 nn.Linear on a CPU (any other precision there

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chatbot.engine import precision  # noqa: E402
-from chatbot.engine.chat_engine import ChatEngine, pick_device  # noqa: E402
+from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
 from chatbot.schemas import ChatReply, ChatRequest  # noqa: E402
 
@@ -210,7 +210,7 @@ def _rate(value: float | None) -> str:
 
 def machine() -> dict[str, str]:
     """The GPU, the versions, and what ``CHATBOT_DTYPE=auto`` picks on it."""
-    device = pick_device()
+    device = precision.pick_device()
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
     auto = precision.resolve("auto", device).name
     versions = {"torch": torch.__version__, "python": platform.python_version()}

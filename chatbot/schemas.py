@@ -173,6 +173,10 @@ class TextRequest(GenerationOptions):
     prompt: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS * 4)
 
 
+ReplyRequest = ChatRequest | TextRequest
+"""What the engine answers: a conversation, or raw text to continue (``/v1/completions``)."""
+
+
 class LegacyChatRequest(_Strict):
     """The payload of the original microservice design, accepted unchanged."""
 

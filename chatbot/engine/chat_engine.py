@@ -41,10 +41,13 @@ from chatbot.engine.replies import ReplyWriter
 from chatbot.engine.streaming import ReplyStream
 from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.prompts.chat_template import TemplateRefused
-from chatbot.schemas import ChatReply, ChatRequest, GenerationOptions, ModelInfo, TextRequest
-
-Request = ChatRequest | TextRequest
-"""A conversation to answer, or raw text to continue (``/v1/completions``)."""
+from chatbot.schemas import (
+    ChatReply,
+    GenerationOptions,
+    ModelInfo,
+    ReplyRequest,
+    TextRequest,
+)
 
 _NEEDS_THE_LOOP = (
     "needs the decode loop: adaptive batching decodes a batch of replies with "
@@ -59,10 +62,6 @@ class PreparedReply:
     plan: DecodingPlan
     prompt: EncodedConversation
     start_decoding: Callable[[], Decoding]
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class ChatEngine:
@@ -111,7 +110,7 @@ class ChatEngine:
         tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
         config = AutoConfig.from_pretrained(path)
         family = detect_family(config, tokenizer)
-        device = pick_device()
+        device = precision.pick_device()
         chosen = precision.resolve(dtype, device, precision.stored_in_four_bits(config))
         model = family.model_class.from_pretrained(path, dtype=chosen.load_dtype)
         model = model.to(device).eval()
@@ -141,7 +140,7 @@ class ChatEngine:
             default_top_p=self.defaults.top_p,
         )
 
-    def check(self, request: Request) -> EncodedConversation:
+    def check(self, request: ReplyRequest) -> EncodedConversation:
         """Refuse what this model cannot honour, with a pydantic ValidationError;
         otherwise the prompt the model would read."""
         limit = self.max_new_tokens_limit
@@ -157,7 +156,7 @@ class ChatEngine:
         """``options`` resolved against this model (``chatbot.engine.plan``)."""
         return resolve_plan(options, self.defaults, self.max_new_tokens_limit)
 
-    def encode(self, request: Request) -> EncodedConversation:
+    def encode(self, request: ReplyRequest) -> EncodedConversation:
         if isinstance(request, TextRequest):
             return self.family.encode_text(self.tokenizer, request.prompt, self.window)
         try:
@@ -165,7 +164,7 @@ class ChatEngine:
         except TemplateRefused as refused:
             raise options_error("messages", "(conversation)", str(refused)) from None
 
-    def check_batchable(self, request: Request) -> EncodedConversation:
+    def check_batchable(self, request: ReplyRequest) -> EncodedConversation:
         """``check``, and refuse what a shared ``generate`` call cannot do per request
         (adaptive batching): its own random numbers, log-probabilities."""
         plan = self.plan(request)
@@ -175,7 +174,7 @@ class ChatEngine:
             raise options_error("logprobs", True, _NEEDS_THE_LOOP)
         return self.check(request)
 
-    def generate(self, requests: Sequence[Request]) -> list[ChatReply]:
+    def generate(self, requests: Sequence[ReplyRequest]) -> list[ChatReply]:
         """Answer every request; one ``generate`` call per distinct decoding plan."""
         encoded = [self.encode(r) for r in requests]
         groups: dict[DecodingPlan, list[int]] = defaultdict(list)
@@ -192,7 +191,7 @@ class ChatEngine:
         """The decode loop's view of this model (``chatbot.engine.scheduler``)."""
         return self.family.model_step(self.model, self.window, self.max_new_tokens_limit)
 
-    def prepare(self, request: Request) -> PreparedReply:
+    def prepare(self, request: ReplyRequest) -> PreparedReply:
         """``request`` checked and ready for the decode loop."""
         plan = self.plan(request)
         prompt = self.check(request)
@@ -230,7 +229,7 @@ class ChatEngine:
             )  # fmt: skip
         return [self.replies.strip(row) for row in sequences[:, first_new:].tolist()]
 
-    def check_streamable(self, request: Request) -> None:
+    def check_streamable(self, request: ReplyRequest) -> None:
         """Beam search keeps every candidate open to the end, so it cannot stream:
         that is a validation error."""
         plan = self.plan(request)
@@ -240,7 +239,7 @@ class ChatEngine:
                 "beam search cannot stream: ask for num_beams 1, or for the whole reply at once",
             )  # fmt: skip
 
-    def stream(self, request: Request) -> ReplyStream:
+    def stream(self, request: ReplyRequest) -> ReplyStream:
         """One reply as it is written by its own ``generate`` (call inside a coroutine)."""
         self.check_streamable(request)
         plan = self.plan(request)

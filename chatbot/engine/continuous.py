@@ -12,12 +12,12 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from chatbot.engine.chat_engine import ChatEngine, PreparedReply, Request
+from chatbot.engine.chat_engine import ChatEngine, PreparedReply
 from chatbot.engine.decoding import TokenChoice
 from chatbot.engine.plan import options_error
 from chatbot.engine.scheduler import DecodeLoop, Job, LoopObserver, ReplySink
 from chatbot.engine.streaming import ReplyStream
-from chatbot.schemas import ChatReply
+from chatbot.schemas import ChatReply, ReplyRequest
 
 Finished = tuple[list[int], Sequence[TokenChoice]]
 """A finished reply's new token ids and their log-probabilities (when asked for)."""
@@ -68,7 +68,7 @@ class ContinuousBatcher:
         self.engine = engine
         self.loop = DecodeLoop(engine.model_step(), max_rows, max_waiting, observer)
 
-    async def reply(self, request: Request) -> ChatReply:
+    async def reply(self, request: ReplyRequest) -> ChatReply:
         """The whole reply (raises ``QueueFull`` when the waiting queue is full)."""
         prepared = self.engine.prepare(request)
         sink = _WholeReply()
@@ -82,10 +82,10 @@ class ContinuousBatcher:
     def close(self) -> None:
         self.loop.close()
 
-    async def generate(self, requests: Sequence[Request]) -> list[ChatReply]:
+    async def generate(self, requests: Sequence[ReplyRequest]) -> list[ChatReply]:
         return list(await asyncio.gather(*(self.reply(r) for r in requests)))
 
-    def stream(self, request: Request) -> ReplyStream:
+    def stream(self, request: ReplyRequest) -> ReplyStream:
         """The reply as it is written (call inside a coroutine); beam search cannot
         stream, which ``ChatEngine.check_streamable`` refuses first."""
         self.engine.check_streamable(request)

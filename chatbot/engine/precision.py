@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
 
 from chatbot.engine.kernels import (
     BFloat16Linear,
@@ -27,6 +27,9 @@ from chatbot.engine.kernels import (
 from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX, run_without_amx
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.fused import fuse_projections
+
+if TYPE_CHECKING:  # the service's supervisor checks the precision without transformers
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,11 @@ def stored_in_four_bits(config: PretrainedConfig) -> bool:
     """Whether the checkpoint came from a 4-bit GGUF file (llama.cpp's Q4 and IQ4
     formats; ``chatbot.models.checkpoint`` records the format as ``source_weights``)."""
     return str(getattr(config, "source_weights", "")).startswith(("Q4", "IQ4"))
+
+
+def pick_device() -> torch.device:
+    """The GPU when there is one: the engine loads every model there."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> Precision:

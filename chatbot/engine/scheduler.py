@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from chatbot.engine.decoding import Decoding, TokenChoice
+from chatbot.engine.errors import QueueFull
 from chatbot.engine.model_step import ModelStep
 
 T = TypeVar("T")
@@ -39,10 +40,6 @@ RELEASE_AFTER_IDLE_S = 0.5
 """How long the loop waits with nothing to do before it gives its key/value buffers
 back (``ModelStep.release``): long enough that back-to-back requests reuse them,
 short enough that memory measured between bursts is the model's alone."""
-
-
-class QueueFull(Exception):
-    """The loop's waiting queue is full: the caller should answer 503."""
 
 
 class ReplySink(Protocol):

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,8 +28,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from chatbot.engine.chat_engine import Request as ReplyRequest
-from chatbot.engine.streaming import ReplyStream
 from chatbot.http.admission import busy_response
 from chatbot.http.openai_schemas import (
     ChatCompletionRequest,
@@ -38,7 +36,10 @@ from chatbot.http.openai_schemas import (
     SamplingFields,
 )
 from chatbot.http.request_log import note_ignored, note_tokens
-from chatbot.schemas import ChatReply, ModelInfo, TokenLogprob
+from chatbot.schemas import ChatReply, ModelInfo, ReplyRequest, TokenLogprob
+
+if TYPE_CHECKING:  # the engine, torch and transformers load in the service's workers only
+    from chatbot.engine.streaming import ReplyStream
 
 T = TypeVar("T")
 
