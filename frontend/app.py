@@ -290,23 +290,22 @@ def main() -> None:
     followed = any(message.state == "writing" for message in stored)
     # One input, the same widget in every run (so no stale copy stays usable), disabled
     # while a reply is written, here or elsewhere.
-    text = st.chat_input("Say something…", key="message", disabled=answering or followed)
+    st.chat_input(
+        "Say something…", key="message", disabled=answering or followed,
+        on_submit=send, args=(db, conversation),
+    )  # fmt: skip
     if answering:
         st.session_state.failure = answer(db, api, conversation, model, options)
         st.rerun()
     if failure := st.session_state.pop("failure", None):
         st.error(failure)
-    if waiting and st.button("Retry", key="retry", icon=":material/refresh:"):
-        ask_for_an_answer(conversation)
+    if waiting:
+        retry = {"on_click": ask_for_an_answer, "args": (conversation,)}
+        st.button("Retry", key="retry", icon=":material/refresh:", **retry)
     last = stored[-1] if stored else None
-    regenerate = last is not None and last.role == "assistant" and not followed
-    if regenerate and st.button("Regenerate", key="regenerate", icon=":material/autorenew:"):
-        assert last is not None
-        db.remove_message(last.id)  # replaced: the thread and its export show the new one
-        ask_for_an_answer(conversation)
-    if text and text.strip():
-        db.add(conversation, "user", text)
-        ask_for_an_answer(conversation)
+    if last is not None and last.role == "assistant" and not followed:
+        again = {"on_click": regenerate, "args": (db, conversation, last.id)}
+        st.button("Regenerate", key="regenerate", icon=":material/autorenew:", **again)
 
 
 def wait_for_the_interrupted_run(db: ChatStore, timeout_s: float = 5.0) -> None:
@@ -323,9 +322,26 @@ def wait_for_the_interrupted_run(db: ChatStore, timeout_s: float = 5.0) -> None:
 
 
 def ask_for_an_answer(conversation: int) -> None:
-    """Answer on the next run, which shows the thread with the input disabled."""
+    """Answer in the run about to start, which shows the thread with the input
+    disabled. Buttons and the input call this (or the two below) as callbacks, which
+    Streamlit runs before that run: a run of its own first would add its time
+    (about 0.2 s) to every reply's wait."""
     st.session_state.answer = conversation
-    st.rerun()
+
+
+def send(db: ChatStore, conversation: int) -> None:
+    """The input's callback: store the message sent, and answer it."""
+    text = st.session_state.message
+    if text and text.strip():
+        db.add(conversation, "user", text)
+        ask_for_an_answer(conversation)
+
+
+def regenerate(db: ChatStore, conversation: int, reply: int) -> None:
+    """Regenerate's callback: the reply is replaced (the thread and its export show
+    the new one)."""
+    db.remove_message(reply)
+    ask_for_an_answer(conversation)
 
 
 main()

@@ -41,13 +41,7 @@ from chatbot.engine.replies import ReplyWriter
 from chatbot.engine.streaming import ReplyStream
 from chatbot.prompts.blenderbot import EncodedConversation
 from chatbot.prompts.chat_template import TemplateRefused
-from chatbot.schemas import (
-    ChatReply,
-    GenerationOptions,
-    ModelInfo,
-    ReplyRequest,
-    TextRequest,
-)
+from chatbot.schemas import ChatReply, GenerationOptions, ModelInfo, ReplyRequest, TextRequest
 
 _NEEDS_THE_LOOP = (
     "needs the decode loop: adaptive batching decodes a batch of replies with "
