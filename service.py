@@ -40,6 +40,7 @@ from chatbot.http.process_metrics import ResidentMemory
 from chatbot.http.readable_errors import ReadableValidationErrors
 from chatbot.http.request_log import RequestLog, note_tokens
 from chatbot.http.response_timeout import ResponseStartTimeout
+from chatbot.http.whole_responses import WholeResponses
 from chatbot.schemas import (
     ChatReply,
     ChatRequest,
@@ -257,12 +258,14 @@ class Chatbot:
         return reply
 
 
-# Outermost first: every outside request gets an id and a log line, a body that is not
-# JSON is refused, then admission,
+# Outermost first: a response that says its length leaves whole (a replica killed
+# mid-reply has sent all of it or nothing a balancer could not retry), every outside
+# request gets an id and a log line, a body that is not JSON is refused, then admission,
 # then validation errors in the shape the OpenAPI spec declares, and the spec itself
 # completed with what BentoML leaves out of it.
 # (The decorators made Chatbot a bentoml.Service; mypy keeps a decorated class's own type.)
 service = cast("bentoml.Service[Chatbot]", Chatbot)
+service.add_asgi_middleware(WholeResponses)
 service.add_asgi_middleware(RequestLog, log_content=settings.log_content)
 service.add_asgi_middleware(JsonOnly)
 service.add_asgi_middleware(

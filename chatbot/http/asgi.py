@@ -51,7 +51,8 @@ def rewriting_send(
     """A ``send`` that holds a response ``applies`` picks (by its start message),
     collects its body and sends ``transform(body)`` with a corrected Content-Length.
 
-    Only for small responses (error bodies, the API spec): they are held whole.
+    Only for small responses (error bodies, the API spec, the replies of
+    ``chatbot.http.whole_responses``): they are held whole.
     """
     start: Message | None = None
     chunks: list[bytes] = []
