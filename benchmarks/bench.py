@@ -48,6 +48,7 @@ from transformers import BlenderbotTokenizer, GenerationConfig
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import wall_seconds  # noqa: E402
 from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.kernels.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
@@ -212,18 +213,8 @@ def matmul_peak_gflops(
     size = size * 4 if device.type == "cuda" else size
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = min(wall_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    """Wall time of ``fn``, GPU work included (CUDA calls return before it is done)."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
 
 
 def decode_weights(engine: ChatEngine) -> int:
@@ -238,7 +229,7 @@ def bare_generate(engine: ChatEngine, chats, options: dict) -> float:
     time, over the conversations the concurrency-1 workload sends."""
     requests = [ChatRequest(messages=c, **options) for c in chats]
     engine.generate(requests[:1])  # first-call allocations are not the model's cost
-    return statistics.median(_timed(lambda r=r: engine.generate([r])) for r in requests)
+    return statistics.median(wall_seconds(lambda r=r: engine.generate([r])) for r in requests)
 
 
 def agreement(reference: ChatEngine, engine: ChatEngine, chats) -> dict:
@@ -260,13 +251,13 @@ def decode_rate(
 
     def run(tokens: int) -> float:
         plan = DecodingPlan(tokens, tokens, 1, False, 1.0, 1.0)
-        return _timed(lambda: engine.generate_ids(batch, plan))
+        return wall_seconds(lambda: engine.generate_ids(batch, plan))
 
     seconds = run(new_tokens) - run(1)
     flops = 2 * weights_per_row * len(batch) * (new_tokens - 1)
     one_token = DecodingPlan(1, 1, 1, False, 1.0, 1.0)
     prefill = statistics.median(
-        _timed(lambda ids=ids: engine.generate_ids([ids], one_token)) for ids in batch[:5]
+        wall_seconds(lambda ids=ids: engine.generate_ids([ids], one_token)) for ids in batch[:5]
     )
     return {
         "batch_size": len(batch),

@@ -33,7 +33,6 @@ import json
 import platform
 import shutil
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import wall_seconds  # noqa: E402
 from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
@@ -117,29 +117,19 @@ def random_checkpoint(configs: Path, out: Path) -> Path:
     return out
 
 
-def seconds(run: Callable[[], object]) -> float:
-    """Wall time of ``run``, the GPU's queued work included."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    synchronize()
-    start = time.perf_counter()
-    run()
-    synchronize()
-    return time.perf_counter() - start
-
-
 def tokens_per_second(replies: Sequence[ChatReply], spent: float) -> float:
     return sum(r.completion_tokens for r in replies) / spent
 
 
 def one_at_a_time(requests: list[ChatRequest], answer: Callable[[ChatRequest], ChatReply]):
     replies: list[ChatReply] = []
-    spent = seconds(lambda: replies.extend(answer(r) for r in requests))
+    spent = wall_seconds(lambda: replies.extend(answer(r) for r in requests))
     return replies, tokens_per_second(replies, spent)
 
 
 def all_at_once(requests: list[ChatRequest], answer: Callable[[list[ChatRequest]], list]):
     replies: list[ChatReply] = []
-    spent = seconds(lambda: replies.extend(answer(requests)))
+    spent = wall_seconds(lambda: replies.extend(answer(requests)))
     return replies, tokens_per_second(replies, spent)
 
 
