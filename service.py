@@ -21,6 +21,7 @@ import bentoml
 from bentoml._internal.server.http import traffic
 from bentoml.exceptions import ServiceUnavailable
 from bentoml.validators import ContentType
+from opentelemetry.instrumentation import asgi as asgi_tracing
 from pydantic import BaseModel, WithJsonSchema
 from starlette.responses import JSONResponse
 
@@ -103,6 +104,13 @@ conversations_per_batch = bentoml.metrics.Histogram(
 # timeout after the reply (chatbot.http.response_timeout); BentoML looks the class up
 # by this name when it builds the app.
 traffic.TimeoutMiddleware = ResponseStartTimeout  # type: ignore[misc, assignment]
+# BentoML's tracing middleware opens a span for every message a response sends: 129 for
+# a streamed 128-token reply, 5.2 ms of Python against 0.4 without, on the thread that
+# shares the GIL with the decode loop. Each request keeps its own span; the spans of its
+# messages go (OpenTelemetry's exclude_spans).
+asgi_tracing.OpenTelemetryMiddleware = partial(  # type: ignore[misc, assignment]
+    asgi_tracing.OpenTelemetryMiddleware, exclude_spans=["receive", "send"]
+)
 
 
 @bentoml.asgi_app(openai_v1, path="/v1")

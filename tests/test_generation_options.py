@@ -11,9 +11,15 @@ import torch
 from pydantic import ValidationError
 from test_decode_loop import run
 from test_engine import PROMPTS, request
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.logits_process import (
+    MinLengthLogitsProcessor,
+    TemperatureLogitsWarper,
+)
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.decoding import DecodingRules, reached
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.stop_texts import StopScanner
 from chatbot.schemas import ChatReply, ChatRequest, TextRequest
@@ -181,3 +187,17 @@ def test_blenderbot_takes_raw_text_as_one_user_turn(engine):
     chat = request("Hello, how are you?", num_beams=1, max_new_tokens=8)
     assert engine.encode(text) == engine.encode(chat)
     assert run(engine, lambda b: b.reply(text)) == engine.generate([chat])[0]
+
+
+def test_a_minimum_length_reached_is_skipped_and_changes_nothing():
+    """``DecodingRules.process`` leaves out a minimum length the reply has reached
+    (``decoding.reached``): the scores are transformers' own, before and after it."""
+    processors = LogitsProcessorList(
+        [MinLengthLogitsProcessor(5, eos_token_id=[2]), TemperatureLogitsWarper(0.7)]
+    )
+    rules = DecodingRules(GenerationConfig(), processors, StoppingCriteriaList())
+    scores = torch.randn(1, 50)
+    for length in (3, 4, 5, 9):
+        ids = torch.zeros(1, length, dtype=torch.long)
+        assert torch.equal(rules.process(ids, scores), processors(ids, scores))
+        assert reached(processors[0], length) == (length >= 5)

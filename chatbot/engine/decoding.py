@@ -24,6 +24,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+)
 
 GenerationModel = Any
 """A transformers model with ``GenerationMixin``; its private methods used here are
@@ -99,10 +104,25 @@ class DecodingRules:
 
     def process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """The processors in turn, as ``LogitsProcessorList`` applies them, without its
-        per-call signature inspection (measurable with one call per reply per step)."""
+        per-call signature inspection (measurable with one call per reply per step),
+        and without the minimum lengths a reply has reached (``reached``)."""
         for processor in self.processors:
-            scores = processor(_ids(ids), scores)
+            if not reached(processor, ids.shape[-1]):
+                scores = processor(_ids(ids), scores)
         return scores
+
+
+def reached(processor: LogitsProcessor, length: int) -> bool:
+    """Whether ``processor`` is a minimum length that a reply of ``length`` tokens has
+    reached. transformers' processor then still copies the scores and masks the
+    end-of-text ids over the whole vocabulary, every step, to change nothing: 0.36 ms a
+    token over SmolLM2's 49,152 words, about 3% of one conversation's token served in
+    int4. ``generate`` gives every decoder-only reply a minimum length, its prompt's."""
+    if isinstance(processor, MinLengthLogitsProcessor):
+        return length >= processor.min_length
+    if isinstance(processor, MinNewTokensLengthLogitsProcessor):
+        return length - processor.prompt_length_to_skip >= processor.min_new_tokens
+    return False
 
 
 class Decoding(ABC):
