@@ -300,12 +300,16 @@ def main() -> None:
     if failure := st.session_state.pop("failure", None):
         st.error(failure)
     if waiting:
-        retry = {"on_click": ask_for_an_answer, "args": (conversation,)}
-        st.button("Retry", key="retry", icon=":material/refresh:", **retry)
+        st.button(
+            "Retry", key="retry", icon=":material/refresh:",
+            on_click=ask_for_an_answer, args=(conversation,),
+        )  # fmt: skip
     last = stored[-1] if stored else None
     if last is not None and last.role == "assistant" and not followed:
-        again = {"on_click": regenerate, "args": (db, conversation, last.id)}
-        st.button("Regenerate", key="regenerate", icon=":material/autorenew:", **again)
+        st.button(
+            "Regenerate", key="regenerate", icon=":material/autorenew:",
+            on_click=regenerate, args=(db, conversation, last.id),
+        )  # fmt: skip
 
 
 def wait_for_the_interrupted_run(db: ChatStore, timeout_s: float = 5.0) -> None:
