@@ -90,8 +90,9 @@ def offline_env(bentoml_home: Path, model: Path | str) -> dict[str, str]:
         **os.environ,
         "BENTOML_HOME": str(bentoml_home),
         "CHATBOT_MODEL": str(model),
-        # Off: each server on the tiny chat model would compile its own step on the
-        # suite's two cores. `make run`'s test builds and serves one (test_offline_model).
+        # Off: each server would compile its own step on the suite's two cores. `make
+        # run`'s test builds and serves one (test_offline_model), test_compiled_step
+        # attaches Blenderbot's to a decode loop.
         "CHATBOT_COMPILE_STEP": "false",
         "HF_HUB_OFFLINE": "1",
         "BENTOML_DO_NOT_TRACK": "True",

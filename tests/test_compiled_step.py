@@ -8,45 +8,90 @@ int4's and int8's head, where AMX takes int8 activations without a zero point.""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from test_engine import PROMPTS, request
+from transformers import PreTrainedModel
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.compiled_step import (
-    OneRowLayers,
+    attach,
     exact_head,
     head_verified,
     package_name,
     sums_exactly,
     verified,
 )
+from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.encoder_decoder_step import EncoderDecoderStep
 from chatbot.engine.kernels.cpu import at_least
-from chatbot.engine.llama_step import LlamaLayers, LlamaStep
+from chatbot.engine.llama_step import LlamaStep
+from chatbot.schemas import ChatReply
 
 
-def test_only_layers_that_give_the_eager_values_pass(tiny_chat_checkpoint: Path):
-    engine = ChatEngine.load(tiny_chat_checkpoint, "tiny-chat", dtype="int4")
-    step = engine.model_step()
-    assert isinstance(step, LlamaStep)
-    assert verified(step, OneRowLayers(step.model, LlamaLayers(step.model)))
+def final_norm(model: PreTrainedModel) -> torch.Tensor:
+    """The weight of the norm after the last decoder layer."""
+    decoder = model.get_decoder()
+    return (decoder.layer_norm if hasattr(decoder, "layer_norm") else decoder.norm).weight
 
-    other = ChatEngine.load(tiny_chat_checkpoint, "tiny-chat", dtype="int4").model
+
+@pytest.mark.parametrize(
+    ("checkpoint", "family"),
+    [("tiny_checkpoint", EncoderDecoderStep), ("tiny_chat_checkpoint", LlamaStep)],
+    ids=["blenderbot", "llama"],
+)
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_only_layers_that_give_the_eager_values_pass(
+    request: pytest.FixtureRequest, checkpoint: str, family: type, dtype: str
+):
+    path = request.getfixturevalue(checkpoint)
+    step = ChatEngine.load(path, checkpoint, dtype=dtype).model_step()
+    assert isinstance(step, family)
+    assert verified(step, step.one_row_layers())
+
+    other = ChatEngine.load(path, checkpoint, dtype=dtype).model_step()
+    assert isinstance(other, family)
     with torch.no_grad():
-        other.model.norm.weight.mul_(1.5)
-    assert not verified(step, OneRowLayers(other, LlamaLayers(other)))
+        final_norm(other.model).mul_(1.5)
+    assert not verified(step, other.one_row_layers())
+
+
+@pytest.mark.server  # builds the package in a subprocess, as the service does
+def test_a_compiled_blenderbot_step_writes_the_replies_of_generate_alone(
+    tiny_checkpoint: Path, tmp_path: Path
+):
+    """The package built, verified and attached as the service does it; then each reply
+    runs alone (one row: the compiled layers) and equals ``generate``'s."""
+    engine = ChatEngine.load(tiny_checkpoint, "tiny-blenderbot", dtype="int8")
+    requests = [request(p, num_beams=1, max_new_tokens=16) for p in PROMPTS]
+
+    async def one_at_a_time() -> list[ChatReply]:
+        batcher = ContinuousBatcher(engine, 8, 8)
+        try:
+            step = batcher.loop.step
+            assert isinstance(step, EncoderDecoderStep)
+            said = attach(step, tiny_checkpoint, "int8", True, tmp_path)
+            assert said.startswith("one-row step compiled"), said
+            assert step.one_row is not None
+            return [await batcher.reply(r) for r in requests]
+        finally:
+            batcher.close()
+
+    assert asyncio.run(one_at_a_time()) == [engine.generate([r])[0] for r in requests]
 
 
 def test_a_package_is_named_by_all_it_depends_on(tiny_chat_checkpoint: Path, tmp_path: Path):
     model = shutil.copytree(tiny_chat_checkpoint, tmp_path / "model")
-    name = package_name(model, "int4", True)
-    assert name == package_name(model, "int4", True)
-    assert name != package_name(model, "int8", True)
-    assert name != package_name(model, "int4", False)
+    name = package_name("llama", model, "int4", True)
+    assert name == package_name("llama", model, "int4", True)
+    assert name != package_name("llama", model, "int8", True)
+    assert name != package_name("llama", model, "int4", False)
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
-    assert name != package_name(model, "int4", True)  # the weights written anew
+    assert name != package_name("llama", model, "int4", True)  # the weights written anew
 
 
 AMX = at_least("avx512_core_amx")  # where int8's activations have no zero point

@@ -1,21 +1,28 @@
-"""The Llama step for one conversation, compiled ahead of time (AOTInductor).
+"""One conversation's decode step, compiled ahead of time (AOTInductor).
 
-When one person chats alone, a SmolLM2 token is 30 layers of about 35 small torch
-calls each beside the weight products, and the calls take about 40% of the step (the
-int4 products 4.7 ms of 12). ``torch.export`` plus AOTInductor turn ``LlamaLayers``
-for one row into one C++ function: measured 1.58x the eager step in int4 and 2.51x in
-int8 (``benchmarks/aoti_probe.py``).
+When one person chats alone, a token is every decoder layer's weight products plus
+dozens of small torch calls around them (norms, the int8 activations' quantization,
+attention's reshapes), and the calls take a large share of the step: 40% of a SmolLM2
+int4 step (30 layers of about 35 calls), 28% of a Blenderbot-400M int8 step.
+``torch.export`` plus AOTInductor turn a step's layers for one row
+(``OneRowCompilable.one_row_layers``: ``LlamaStep``'s and ``EncoderDecoderStep``'s)
+into one C++ function: measured 1.58x the eager step in int4 and 2.51x in int8 on
+SmolLM2, 1.48x in int8, 1.24x in float32 and 1.17x in bfloat16 on Blenderbot-400M
+(``benchmarks/aoti_probe.py``).
 ``torch.compile`` would pay its 100-210 s at every start; this package is built once
-per model, precision, CPU and code version (SmolLM2: 48-58 s in int4, 83-98 s in int8,
-in a subprocess, while the eager step serves) and loads in 0.2 s from then on.
+per model, precision, CPU and code version (SmolLM2: 48-58 s in int4, 83-98 s in int8;
+Blenderbot-400M: 45-56 s; in a subprocess, while the eager step serves) and loads in
+0.2-3 s from then on. It holds its own copy of the weights as the kernels take them
+(Blenderbot-400M in int8: a 282 MB file, 540 MB more memory).
 
 **Exact or not used.** The decode loop promises ``generate``'s replies, so the compiled
-step must give the eager step's values to the bit. Inductor's own reduction for
-``rms_norm``'s mean sums in another order than ATen's, so that one reduction stays
-ATen's (``atens_mean``); everything else (products, rotation, attention, cache
-writes) is inductor's, and agrees. A package is attached to a step only after it gave the eager
-layers' outputs and cache writes bit for bit on random inputs (``verified``); a CPU,
-torch or code change that breaks this leaves the eager step serving.
+step must give the eager step's values to the bit. Inductor's own code for a few
+operations computes them otherwise, so those stay ATen's (``ATENS_OWN``: the norms'
+reductions and ``gelu``); everything else (products, rotation, attention, quantizing
+activations, cache writes) is inductor's, and agrees. A package is attached to a step
+only after it gave the eager layers' outputs and cache writes bit for bit on random
+inputs (``verified``); a CPU, torch or code change that breaks this leaves the eager
+step serving.
 
 **Kernels chosen by measurement where that stays exact.** Where every product of the
 layers sums in integers and is scaled without a zero point (``int8`` with AMX,
@@ -50,14 +57,13 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedModel
 
 from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.kernels.rescored import Rescored
 from chatbot.engine.kernels.rows import PackedLinear
-from chatbot.engine.llama_step import LlamaLayers, LlamaStep, Rotation, StepRows
-from chatbot.engine.model_step import ModelStep, _Run
-from chatbot.engine.slots import RowSlots
+from chatbot.engine.model_step import ModelStep, OneRowCompilable
 
 logger = logging.getLogger(__name__)
 
@@ -72,71 +78,13 @@ SOURCES = Path(__file__).resolve().parent
 """The engine's code, part of every package's key: a code change builds anew."""
 
 
-class OneRowLayers(nn.Module):
-    """``layers`` for one row, with the step's state as inputs: what is exported.
-
-    Inputs: the row's (1, hidden) embedding, its rotation, its (1,) position, a tensor
-    as long as the reply so far (its length is the attention's width, dynamic), and each
-    layer's (1, heads, capacity, head_dim) key and value buffers (written in place)."""
-
-    def __init__(self, model: PreTrainedModel, layers: LlamaLayers) -> None:
-        super().__init__()
-        self.model = model  # a submodule: its weights are the program's parameters
-        self.layers = layers
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        signed_sin: torch.Tensor,
-        position: torch.Tensor,
-        width_of: torch.Tensor,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-    ) -> torch.Tensor:
-        width = width_of.shape[0]
-        at = (torch.zeros(1, dtype=torch.long, device=position.device), position)
-        step = StepRows(at, Rotation(cos, signed_sin), [_Run(slice(0, 1), width)], width)
-        return self.layers(hidden, step, RowSlots.over(keys, values))
-
-
-def inputs_of(
-    hidden: torch.Tensor, rotation: Rotation, position: torch.Tensor, width: int, slots: RowSlots
-) -> tuple:
-    """``OneRowLayers``' inputs for row 0 of ``slots`` at ``position``."""
-    width_of = torch.empty(width, device=hidden.device)  # only its length is read
-    keys, values = [k[:1] for k in slots.keys], [v[:1] for v in slots.values]
-    return hidden, rotation.cos, rotation.signed_sin, position, width_of, keys, values
-
-
-def random_inputs(step: LlamaStep, width: int, capacity: int) -> tuple:
-    """Inputs of a row that has ``width - 1`` random keys and values, in fresh slots:
-    the same for the same arguments."""
-    generator = torch.Generator().manual_seed(0)
-    slots = step.slots
-    scratch = RowSlots(
-        len(slots.keys), slots.heads, capacity, slots.head_dim, slots.dtype, step.device
-    )
-    scratch.reserve(1, capacity)
-    for buffer in (*scratch.keys, *scratch.values):
-        buffer.copy_(torch.randn(buffer.shape, generator=generator))
-    hidden_size = step.embed.weight.shape[1]
-    hidden = torch.randn(1, hidden_size, generator=generator).to(step.device)
-    position = torch.tensor([width - 1], device=step.device)
-    return inputs_of(hidden, step.rotation.at(position), position, width, scratch)
-
-
-def export(step: LlamaStep) -> torch.export.ExportedProgram:
-    """``OneRowLayers`` of ``step``'s model, for any width and buffer capacity."""
-    most = step.slots.max_positions
-    width = torch.export.Dim("width", min=2, max=most)
-    capacity = torch.export.Dim("capacity", min=2, max=most)
-    example = random_inputs(step, width=5, capacity=16)
-    buffers = [{2: capacity}] * len(step.slots.keys)
-    dynamic = (None, None, None, None, {0: width}, buffers, buffers)
+def export(step: OneRowCompilable) -> torch.export.ExportedProgram:
+    """``step``'s one-row layers, for any width and buffer capacity."""
     with torch.no_grad():
-        exported = OneRowLayers(step.model, step.layers)
-        return torch.export.export(exported, example, dynamic_shapes=dynamic)
+        return torch.export.export(
+            step.one_row_layers(), step.example_inputs(width=5, capacity=16),
+            dynamic_shapes=step.dynamic_shapes(),
+        )  # fmt: skip
 
 
 class HeadProduct(nn.Module):
@@ -164,9 +112,9 @@ def export_head(head: Rescored) -> torch.export.ExportedProgram:
         return torch.export.export(HeadProduct(head), (torch.randn(1, head.in_features),))
 
 
-def package_name(source: str | Path, dtype: str, pack_weights: bool) -> str:
-    """The package's file name: a digest of all it depends on (the model's files, how
-    they are loaded, the CPU, torch and this engine's code)."""
+def package_name(family: str, source: str | Path, dtype: str, pack_weights: bool) -> str:
+    """The package's file name: the step's family, and a digest of all it depends on
+    (the model's files, how they are loaded, the CPU, torch and this engine's code)."""
     digest = hashlib.sha256()
     for part in (torch.__version__, str(cpu_isa()), dtype, str(pack_weights)):
         digest.update(part.encode() + b"\0")
@@ -178,17 +126,29 @@ def package_name(source: str | Path, dtype: str, pack_weights: bool) -> str:
             )
     for file in sorted(SOURCES.rglob("*.py")):
         digest.update(file.read_bytes())
-    return f"llama-one-row-{digest.hexdigest()[:16]}.pt2"
+    return f"{family}-one-row-{digest.hexdigest()[:16]}.pt2"
 
 
-def atens_mean() -> None:
-    """Have inductor call ATen's ``mean`` (the reduction in ``rms_norm``) rather than
-    generate its own loop, which sums in another order: SmolLM2's logits changed from
-    its third step on. The norm's pointwise operations are inductor's, and agree. For
-    the build's own process only: it changes inductor for the whole process."""
-    from torch._inductor import lowering
+ATENS_OWN = (
+    torch.ops.aten.mean.dim,
+    torch.ops.aten.native_layer_norm.default,
+    torch.ops.aten.gelu.default,
+)
+"""Operations the package leaves to ATen's kernels, as the eager step runs them:
+inductor's own code computes them otherwise. Its ``mean`` (in Llama's ``rms_norm``)
+and ``layer_norm`` (Blenderbot's) sum in another order, and its ``gelu`` rounds
+``erf`` otherwise: SmolLM2's logits changed from the third step on, and Blenderbot's
+layers agreed to the bit only with all of these ATen's."""
 
-    lowering.make_fallback(torch.ops.aten.mean.dim, warn=False)
+
+def atens_own() -> None:
+    """Have inductor call ATen for ``ATENS_OWN``. For the build's own process only: it
+    changes inductor for the whole process."""
+    from torch._inductor import decomposition, lowering
+
+    for op in ATENS_OWN:
+        decomposition.decompositions.pop(op, None)
+        lowering.make_fallback(op, warn=False, override_decomp=True)
 
 
 def sums_exactly(layers: nn.Module) -> bool:
@@ -205,14 +165,14 @@ def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> 
 
     engine = ChatEngine.load(source, "compiled step", pack_weights=pack_weights, dtype=dtype)
     step = engine.model_step()
-    if not isinstance(step, LlamaStep):
-        raise TypeError(f"{source} is not served by the Llama step")
-    atens_mean()
+    if not isinstance(step, OneRowCompilable):
+        raise TypeError(f"{source} is not served by a step that compiles")
+    atens_own()
     package.parent.mkdir(parents=True, exist_ok=True)
     head = exact_head(step.model)
     if head is not None:  # first: the layers' package, written last, says both are done
         compile_into(head_package(package), export_head(head), autotune=True)
-    compile_into(package, export(step), autotune=sums_exactly(step.model.model.layers))
+    compile_into(package, export(step), autotune=sums_exactly(step.decoder_layers()))
 
 
 def compile_into(package: Path, program: torch.export.ExportedProgram, autotune: bool) -> None:
@@ -231,37 +191,17 @@ def head_package(package: Path) -> Path:
     return package.with_name(f"{package.stem}-head{package.suffix}")
 
 
-class CompiledOneRow:
-    """A loaded package, called as ``LlamaStep`` calls its one-row layers."""
-
-    def __init__(self, package: Path) -> None:
-        self.runner = torch._inductor.aoti_load_package(str(package))
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        rotation: Rotation,
-        position: torch.Tensor,
-        width: int,
-        slots: RowSlots,
-    ) -> torch.Tensor:
-        return self.runner(*inputs_of(hidden, rotation, position, width, slots))
-
-
-def verified(step: LlamaStep, runner: Callable[..., torch.Tensor]) -> bool:
-    """Whether ``runner`` (a package's, on ``OneRowLayers``' inputs) gives ``step``'s
+def verified(step: OneRowCompilable, runner: Callable[..., torch.Tensor]) -> bool:
+    """Whether ``runner`` (a package's, on ``step.one_row_layers``' inputs) gives the
     eager layers' outputs and key/value writes to the bit, at a few widths."""
+    layers = step.one_row_layers()
     with torch.inference_mode():
         for width, capacity in ((2, 16), (37, 64), (100, 128)):
-            eager_inputs = random_inputs(step, width, capacity)
-            compiled_inputs = random_inputs(step, width, capacity)
-            eager = OneRowLayers(step.model, step.layers)(*eager_inputs)
-            out = runner(*compiled_inputs)
-            eager_buffers = [*eager_inputs[5], *eager_inputs[6]]
-            compiled_buffers = [*compiled_inputs[5], *compiled_inputs[6]]
-            if not torch.equal(eager, out) or not all(
-                map(torch.equal, eager_buffers, compiled_buffers)
-            ):
+            eager_inputs = step.example_inputs(width, capacity)
+            compiled_inputs = step.example_inputs(width, capacity)
+            eager, out = layers(*eager_inputs), runner(*compiled_inputs)
+            written = zip(tree_leaves(eager_inputs), tree_leaves(compiled_inputs), strict=True)
+            if not torch.equal(eager, out) or not all(torch.equal(*pair) for pair in written):
                 return False
     return True
 
@@ -278,10 +218,12 @@ def head_verified(head: Rescored, runner: Callable[[torch.Tensor], torch.Tensor]
     return True
 
 
-def attach(step: LlamaStep, source: str | Path, dtype: str, pack_weights: bool, cache: Path) -> str:
+def attach(
+    step: OneRowCompilable, source: str | Path, dtype: str, pack_weights: bool, cache: Path
+) -> str:
     """Give ``step`` its compiled one-row layers, building the package first if
     ``cache`` has none for this model and machine; what happened, in words."""
-    package = cache / package_name(source, dtype, pack_weights)
+    package = cache / package_name(step.compiled_name, source, dtype, pack_weights)
     started = time.perf_counter()
     if not package.exists():
         command = [
@@ -305,8 +247,8 @@ def attach(step: LlamaStep, source: str | Path, dtype: str, pack_weights: bool, 
             return f"could not compile the one-row step in {BUILD_LIMIT_S} s"
         if done.returncode != 0:
             return f"could not compile the one-row step: {done.stderr.strip()[-2000:]}"
-    compiled = CompiledOneRow(package)
-    if not verified(step, compiled.runner):
+    compiled = torch._inductor.aoti_load_package(str(package))
+    if not verified(step, compiled):
         return f"{package} does not give the eager step's values: not used"
     head = exact_head(step.model)
     if head is not None:
@@ -328,7 +270,7 @@ class Compilation:
 
     @property
     def state(self) -> Literal["eager", "compiling", "compiled"]:
-        if isinstance(self.step, LlamaStep) and self.step.one_row is not None:
+        if isinstance(self.step, OneRowCompilable) and self.step.one_row is not None:
             return "compiled"
         return "compiling" if self.thread is not None and self.thread.is_alive() else "eager"
 
@@ -336,9 +278,9 @@ class Compilation:
 def attach_in_background(
     step: ModelStep, source: str | Path, dtype: str, pack_weights: bool, cache: Path
 ) -> Compilation:
-    """``attach`` in a thread of its own, for a Llama step on the CPU, while the step
-    serves eagerly; it logs what happened."""
-    if not isinstance(step, LlamaStep) or step.device.type != "cpu":
+    """``attach`` in a thread of its own, for a step that compiles, on the CPU, while
+    the step serves eagerly; it logs what happened."""
+    if not isinstance(step, OneRowCompilable) or step.device.type != "cpu":
         return Compilation(step)
 
     def attach_and_say() -> None:

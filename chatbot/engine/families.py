@@ -28,9 +28,10 @@ from transformers import (
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
+from chatbot.engine.encoder_decoder_step import EncoderDecoderStep
 from chatbot.engine.kv_cache import ReplyCache
 from chatbot.engine.llama_step import LlamaStep
-from chatbot.engine.model_step import DecoderOnlyStep, EncoderDecoderStep, ModelStep
+from chatbot.engine.model_step import DecoderOnlyStep, ModelStep
 from chatbot.prompts.blenderbot import EncodedConversation, encode_conversation
 from chatbot.prompts.chat_template import encode_chat, encode_text
 from chatbot.schemas import MAX_NEW_TOKENS, Message

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,7 +37,13 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from chatbot.engine.kernels.fused import ProjectionPart
 from chatbot.engine.kernels.rows import PackedLinear
-from chatbot.engine.model_step import DecoderOnlyStep, _Run, attend_by_run
+from chatbot.engine.model_step import (
+    DecoderOnlyStep,
+    OneRowCompilable,
+    _Run,
+    attend_by_run,
+    length_carrier,
+)
 from chatbot.engine.slots import RowSlots
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -197,25 +203,39 @@ class LlamaLayers:
         return out.reshape(n, -1)
 
 
-class OneRow(Protocol):
-    """Compiled one-row layers (``compiled_step``): ``LlamaLayers`` for row 0 alone."""
+class OneRowLayers(nn.Module):
+    """``LlamaLayers`` for row 0 alone, with the step's state as inputs: what
+    ``compiled_step`` exports.
 
-    def __call__(
+    Inputs: the row's (1, hidden) embedding, its rotation, its (1,) position, a tensor
+    as long as the reply so far (its length is the attention's width, dynamic), and each
+    layer's (1, heads, capacity, head_dim) key and value buffers (written in place)."""
+
+    def __init__(self, model: PreTrainedModel, layers: LlamaLayers) -> None:
+        super().__init__()
+        self.model = model  # a submodule: its weights are the program's parameters
+        self.layers = layers
+
+    def forward(
         self,
         hidden: torch.Tensor,
-        rotation: Rotation,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
         position: torch.Tensor,
-        width: int,
-        slots: RowSlots,
-    ) -> torch.Tensor: ...
+        width_of: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        width = width_of.shape[0]
+        at = (torch.zeros(1, dtype=torch.long, device=position.device), position)
+        step = StepRows(at, Rotation(cos, signed_sin), [_Run(slice(0, 1), width)], width)
+        return self.layers(hidden, step, RowSlots.over(keys, values))
 
 
-class LlamaStep(DecoderOnlyStep):
+class LlamaStep(DecoderOnlyStep, OneRowCompilable):
     """``DecoderOnlyStep`` with a hand-written ``decode``."""
 
-    one_row: OneRow | None = None
-    """Set once a compiled package gave these layers' values (``compiled_step.attach``):
-    steps of one row then run it."""
+    compiled_name = "llama"
 
     @staticmethod
     def fits(model: PreTrainedModel) -> bool:
@@ -244,8 +264,39 @@ class LlamaStep(DecoderOnlyStep):
         hidden, rotation = self.embed(tokens), self.rotation.at(positions)
         one_row = self.one_row
         if one_row is not None and tokens.shape[0] == 1:
-            hidden = one_row(hidden, rotation, positions, width, self.slots)
+            hidden = one_row(*self._one_row_inputs(hidden, rotation, positions, width, self.slots))
         else:
             step = StepRows(self.slots.at(positions), rotation, runs, width)
             hidden = self.layers(hidden, step, self.slots)
         return self.head(hidden)
+
+    @staticmethod
+    def _one_row_inputs(
+        hidden: torch.Tensor,
+        rotation: Rotation,
+        position: torch.Tensor,
+        width: int,
+        slots: RowSlots,
+    ) -> tuple:
+        width_of = length_carrier(width, hidden.device)
+        return hidden, rotation.cos, rotation.signed_sin, position, width_of, *slots.first_row()
+
+    def one_row_layers(self) -> nn.Module:
+        return OneRowLayers(self.model, self.layers)
+
+    def example_inputs(self, width: int, capacity: int) -> tuple:
+        generator = torch.Generator().manual_seed(0)
+        slots = self.slots.random_row(capacity, generator)
+        hidden_size = self.embed.weight.shape[1]
+        hidden = torch.randn(1, hidden_size, generator=generator).to(self.device)
+        position = torch.tensor([width - 1], device=self.device)
+        return self._one_row_inputs(hidden, self.rotation.at(position), position, width, slots)
+
+    def dynamic_shapes(self) -> tuple:
+        most = self.slots.max_positions
+        width = torch.export.Dim("width", min=2, max=most)
+        buffers = [{2: torch.export.Dim("capacity", min=2, max=most)}] * len(self.slots.keys)
+        return None, None, None, None, {0: width}, buffers, buffers
+
+    def decoder_layers(self) -> nn.Module:
+        return self.model.model.layers

@@ -6,10 +6,9 @@ attends only to its own filled keys: both steps attend reply by reply, each in t
 ``generate`` makes for that reply alone (SDPA's result for a row depends on the width
 and the batch it is computed in, so one masked call would not be exact).
 
-* ``EncoderDecoderStep`` (Blenderbot): admitting a reply runs the encoder and projects
-  the cross-attention keys/values once into the reply's rows (beams share them); each
-  step then runs the decoder layers by hand, from the model's own modules, because
-  transformers' Blenderbot decoder takes one position for the whole batch.
+* ``EncoderDecoderStep`` (Blenderbot, ``encoder_decoder_step``): admitting a reply
+  runs the encoder and projects the cross-attention keys/values once into the reply's
+  rows (beams share them); each step then runs the decoder layers by hand.
 * ``DecoderOnlyStep`` (Llama, SmolLM2, Qwen...): admitting a reply runs its prompt
   through the model as ``generate`` would and copies the keys/values into its rows;
   each step is the model's own forward with per-row ``position_ids``, a cache that
@@ -23,10 +22,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-from torch.nn import functional
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -82,7 +79,46 @@ class ModelStep(ABC):
         lengths = (positions + 1).tolist()
         width = max(lengths)
         self.slots.reserve(len(lengths), width)
+        self.slots.written = width  # every running row takes part in the step
         return width, _runs(lengths, replies)
+
+
+class OneRowCompilable(ModelStep):
+    """A step whose layers for a single row can be exported and compiled ahead of time
+    (``compiled_step``): one conversation's step is mostly small operations, which a
+    compiled package runs in one C++ function. Each step says what is exported and how
+    its state goes in; rows of a batch always take the eager layers."""
+
+    compiled_name = ""
+    """The family's name, first in its packages' file names."""
+    one_row: Callable[..., torch.Tensor] | None = None
+    """Set once a compiled package gave the eager layers' values bit for bit
+    (``compiled_step.attach``): steps of one row then run it."""
+
+    @abstractmethod
+    def one_row_layers(self) -> torch.nn.Module:
+        """What is exported: the layers for row 0 alone, the step's state as inputs
+        (its key/value buffers, written in place), eager."""
+
+    @abstractmethod
+    def example_inputs(self, width: int, capacity: int) -> tuple:
+        """Inputs of ``one_row_layers`` for a row ``width`` positions long whose earlier
+        keys and values are random, in fresh buffers of ``capacity`` positions: the same
+        values for the same arguments."""
+
+    @abstractmethod
+    def dynamic_shapes(self) -> tuple:
+        """``torch.export``'s dynamic dimensions of the inputs: lengths and capacities."""
+
+    @abstractmethod
+    def decoder_layers(self) -> torch.nn.Module:
+        """The modules whose products the package computes."""
+
+
+def length_carrier(length: int, device: torch.device) -> torch.Tensor:
+    """A (length, 0) tensor: no data, only a length, which a compiled one-row step
+    takes as an input (a width that changes every step)."""
+    return torch.empty((length, 0), device=device)
 
 
 @dataclass(frozen=True)
@@ -151,99 +187,6 @@ def attend_per_reply(
 
 AttentionInterface.register(PER_REPLY, attend_per_reply)
 AttentionMaskInterface.register(PER_REPLY, sdpa_mask)
-
-
-class EncoderDecoderStep(ModelStep):
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__(model)
-        config = model.config
-        self.decoder = model.get_decoder()
-        self.heads = config.decoder_attention_heads
-        self.head_dim = config.d_model // self.heads
-        layers, positions = config.decoder_layers, config.max_position_embeddings
-        shape = (layers, self.heads, positions, self.head_dim, model.dtype, self.device)
-        self.slots = RowSlots(*shape)  # self-attention: the reply's own positions
-        self.cross = RowSlots(*shape)  # cross-attention: the encoded prompt
-        self.prompt_lengths = torch.zeros(0, dtype=torch.long, device=self.device)
-
-    def reserve(self, rows: int) -> None:
-        super().reserve(rows)
-        self.cross.reserve(rows)
-        if rows > self.prompt_lengths.shape[0]:
-            grown = self.prompt_lengths.new_zeros(self.cross.capacity)
-            grown[: self.prompt_lengths.shape[0]] = self.prompt_lengths
-            self.prompt_lengths = grown
-
-    def release(self) -> None:
-        super().release()
-        self.cross.release()
-        self.prompt_lengths = self.prompt_lengths.new_zeros(0)
-
-    def _move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        super()._move_rows(source, target)
-        self.cross.move(source, target)
-        self.prompt_lengths[target] = self.prompt_lengths[source]
-
-    def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
-        # Each prompt alone, as ``generate`` encodes a reply's prompt: a padded batch
-        # would give each its attention over the batch's longest (see ``_attend``).
-        encoder = self.model.get_encoder()
-        for prompt, first, count in zip(prompts, firsts, copies, strict=True):
-            ids = torch.tensor([list(prompt)], device=self.device)
-            encoded = encoder(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
-            rows = slice(first, first + count)
-            for index, layer in enumerate(self.decoder.layers):
-                self.cross.fill(index, rows, *self._cross_keys_values(layer, encoded))
-            self.prompt_lengths[rows] = len(prompt)
-        return None
-
-    def _cross_keys_values(self, layer, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attention = layer.encoder_attn
-        return self._heads(attention.k_proj(encoded)), self._heads(attention.v_proj(encoded))
-
-    def _heads(self, states: torch.Tensor) -> torch.Tensor:
-        """(n, length, d_model) -> (n, heads, length, head_dim)."""
-        n, length, _ = states.shape
-        return states.view(n, length, self.heads, self.head_dim).transpose(1, 2)
-
-    def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
-    ) -> torch.Tensor:
-        n = tokens.shape[0]
-        decoder = self.decoder
-        hidden = decoder.embed_tokens(tokens[:, None])
-        hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
-        width, own_runs = self._make_room(positions, replies)
-        prompt_lengths = self.prompt_lengths[:n]
-        prompt_width = int(prompt_lengths.max())
-        prompt_runs = _runs(prompt_lengths.tolist(), replies)
-        at = self.slots.at(positions)
-        for index, layer in enumerate(decoder.layers):
-            attention = layer.self_attn
-            states = layer.self_attn_layer_norm(hidden)
-            keys, values = (
-                self._heads(attention.k_proj(states)),
-                self._heads(attention.v_proj(states)),
-            )
-            self.slots.write(index, at, keys, values)
-            keys, values = self.slots.view(index, n, width)
-            hidden = hidden + self._attend(attention, states, keys, values, own_runs)
-            cross = layer.encoder_attn
-            states = layer.encoder_attn_layer_norm(hidden)
-            keys, values = self.cross.view(index, n, prompt_width)
-            hidden = hidden + self._attend(cross, states, keys, values, prompt_runs)
-            states = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
-            hidden = hidden + layer.fc2(states)
-        hidden = decoder.layer_norm(hidden)
-        logits = self.model.lm_head(hidden) + self.model.final_logits_bias
-        return logits[:, 0]
-
-    def _attend(self, attention, states, keys, values, runs: list[_Run]) -> torch.Tensor:
-        """Each reply's rows attend in a call of their own (``attend_by_run``)."""
-        query = self._heads(attention.q_proj(states))
-        scaled = partial(functional.scaled_dot_product_attention, scale=attention.scaling)
-        out = attend_by_run(runs, query, keys, values, scaled)
-        return attention.out_proj(out.transpose(1, 2).reshape(states.shape))
 
 
 class _RowsCache(Cache):

@@ -1,0 +1,232 @@
+"""The decode loop's step for Blenderbot: its decoder layers written out, row by row.
+
+Admitting a reply runs the encoder on its prompt alone and projects the cross-attention
+keys and values once into the reply's rows (beams share them). Each step then runs the
+decoder layers by hand, from the model's own modules, because transformers' Blenderbot
+decoder takes one position for the whole batch: every row here brings its own position
+and attends over its own reply and its own prompt (``attend_by_run``).
+
+A conversation alone is mostly small operations (norms, the int8 activations'
+quantization, attention's reshapes, the Python between them: 28% of a 400M int8 step
+on a 2-core EPYC), so its layers can be compiled into one C++ function
+(``compiled_step``): ``OneRowDecoderLayers`` is what is exported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional
+from transformers import PreTrainedModel
+
+from chatbot.engine.model_step import (
+    OneRowCompilable,
+    _Run,
+    _runs,
+    attend_by_run,
+    length_carrier,
+)
+from chatbot.engine.slots import RowSlots
+
+
+class DecoderRows(NamedTuple):
+    """What every decoder layer of one step needs to know of its rows."""
+
+    at: tuple[torch.Tensor, torch.Tensor]
+    """Where their keys and values go (``RowSlots.at``)."""
+    own: list[_Run]
+    """Each reply's rows and length so far (self-attention)."""
+    width: int
+    """The longest reply's length."""
+    prompt: list[_Run]
+    """Each reply's rows and prompt length (cross-attention)."""
+    prompt_width: int
+    """The longest prompt's length."""
+
+
+class EncoderDecoderStep(OneRowCompilable):
+    compiled_name = "encoder-decoder"
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__(model)
+        config = model.config
+        self.decoder = model.get_decoder()
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+        layers, positions = config.decoder_layers, config.max_position_embeddings
+        shape = (layers, self.heads, positions, self.head_dim, model.dtype, self.device)
+        self.slots = RowSlots(*shape)  # self-attention: the reply's own positions
+        self.cross = RowSlots(*shape)  # cross-attention: the encoded prompt
+        self.prompt_lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    def reserve(self, rows: int) -> None:
+        super().reserve(rows)
+        self.cross.reserve(rows)
+        if rows > self.prompt_lengths.shape[0]:
+            grown = self.prompt_lengths.new_zeros(self.cross.capacity)
+            grown[: self.prompt_lengths.shape[0]] = self.prompt_lengths
+            self.prompt_lengths = grown
+
+    def release(self) -> None:
+        super().release()
+        self.cross.release()
+        self.prompt_lengths = self.prompt_lengths.new_zeros(0)
+
+    def _move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        super()._move_rows(source, target)
+        self.cross.move(source, target)
+        self.prompt_lengths[target] = self.prompt_lengths[source]
+
+    def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
+        # Each prompt alone, as ``generate`` encodes a reply's prompt: a padded batch
+        # would give each its attention over the batch's longest (see ``_attend``).
+        encoder = self.model.get_encoder()
+        for prompt, first, count in zip(prompts, firsts, copies, strict=True):
+            ids = torch.tensor([list(prompt)], device=self.device)
+            encoded = encoder(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+            rows = slice(first, first + count)
+            for index, layer in enumerate(self.decoder.layers):
+                self.cross.fill(index, rows, *self._cross_keys_values(layer, encoded))
+            self.prompt_lengths[rows] = len(prompt)
+        return None
+
+    def _cross_keys_values(self, layer, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = layer.encoder_attn
+        return self._heads(attention.k_proj(encoded)), self._heads(attention.v_proj(encoded))
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        """(n, length, d_model) -> (n, heads, length, head_dim)."""
+        n, length, _ = states.shape
+        return states.view(n, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, replies: Sequence[int]
+    ) -> torch.Tensor:
+        n = tokens.shape[0]
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(tokens[:, None])
+        hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
+        width, own_runs = self._make_room(positions, replies)
+        prompt_lengths = self.prompt_lengths[:n]
+        prompt_width = int(prompt_lengths.max())
+        one_row = self.one_row
+        if one_row is not None and n == 1 and min(width, prompt_width) >= 2:
+            inputs = self._one_row_inputs(
+                hidden, positions, width, prompt_width, self.slots, self.cross
+            )
+            hidden = one_row(*inputs)
+        else:
+            prompt_runs = _runs(prompt_lengths.tolist(), replies)
+            rows = DecoderRows(self.slots.at(positions), own_runs, width, prompt_runs, prompt_width)
+            hidden = self.layers(hidden, rows, self.slots, self.cross)
+        logits = self.model.lm_head(hidden) + self.model.final_logits_bias
+        return logits[:, 0]
+
+    def layers(
+        self, hidden: torch.Tensor, rows: DecoderRows, slots: RowSlots, cross: RowSlots
+    ) -> torch.Tensor:
+        """The decoder layers and final norm on (n, 1, d_model) ``hidden``, one new
+        position per row, keys and values from (and into) ``slots`` and ``cross``."""
+        n = hidden.shape[0]
+        decoder = self.decoder
+        for index, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            states = layer.self_attn_layer_norm(hidden)
+            keys, values = (
+                self._heads(attention.k_proj(states)),
+                self._heads(attention.v_proj(states)),
+            )
+            slots.write(index, rows.at, keys, values)
+            keys, values = slots.view(index, n, rows.width)
+            hidden = hidden + self._attend(attention, states, keys, values, rows.own)
+            states = layer.encoder_attn_layer_norm(hidden)
+            keys, values = cross.view(index, n, rows.prompt_width)
+            hidden = hidden + self._attend(layer.encoder_attn, states, keys, values, rows.prompt)
+            states = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
+            hidden = hidden + layer.fc2(states)
+        return decoder.layer_norm(hidden)
+
+    def _attend(self, attention, states, keys, values, runs: list[_Run]) -> torch.Tensor:
+        """Each reply's rows attend in a call of their own (``attend_by_run``)."""
+        query = self._heads(attention.q_proj(states))
+        scaled = partial(functional.scaled_dot_product_attention, scale=attention.scaling)
+        out = attend_by_run(runs, query, keys, values, scaled)
+        return attention.out_proj(out.transpose(1, 2).reshape(states.shape))
+
+    @staticmethod
+    def _one_row_inputs(
+        hidden: torch.Tensor,
+        position: torch.Tensor,
+        width: int,
+        prompt_width: int,
+        slots: RowSlots,
+        cross: RowSlots,
+    ) -> tuple:
+        width_of = length_carrier(width, hidden.device)
+        prompt_width_of = length_carrier(prompt_width, hidden.device)
+        return hidden, position, width_of, prompt_width_of, *slots.first_row(), *cross.first_row()
+
+    def one_row_layers(self) -> nn.Module:
+        return OneRowDecoderLayers(self)
+
+    def example_inputs(self, width: int, capacity: int) -> tuple:
+        """The prompt is ``capacity - 1`` long, in cross-attention buffers twice as
+        long as the reply's (capped by the model's positions): the export must not
+        take the two for one dimension."""
+        generator = torch.Generator().manual_seed(0)
+        slots = self.slots.random_row(capacity, generator)
+        cross = self.cross.random_row(min(2 * capacity, self.cross.max_positions), generator)
+        hidden = torch.randn(1, 1, self.heads * self.head_dim, generator=generator)
+        position = torch.tensor([width - 1], device=self.device)
+        return self._one_row_inputs(
+            hidden.to(self.device), position, width, capacity - 1, slots, cross
+        )
+
+    def dynamic_shapes(self) -> tuple:
+        Dim = torch.export.Dim
+        most, layers = self.slots.max_positions, len(self.slots.keys)
+        width, prompt_width = Dim("width", min=2, max=most), Dim("prompt", min=2, max=most)
+        own = [{2: Dim("capacity", min=2, max=most)}] * layers
+        cross = [{2: Dim("prompt_capacity", min=2, max=most)}] * layers
+        return None, None, {0: width}, {0: prompt_width}, own, own, cross, cross
+
+    def decoder_layers(self) -> nn.Module:
+        return self.decoder.layers
+
+
+class OneRowDecoderLayers(nn.Module):
+    """``EncoderDecoderStep.layers`` for row 0 alone, with the step's state as inputs:
+    what ``compiled_step`` exports.
+
+    Inputs: the row's (1, 1, d_model) embedded token, its (1,) position, a tensor as
+    long as the reply so far and one as long as its prompt (their lengths are the
+    attentions' widths, dynamic), and each layer's (1, heads, capacity, head_dim) key
+    and value buffers, the reply's (written in place) and the prompt's."""
+
+    def __init__(self, step: EncoderDecoderStep) -> None:
+        super().__init__()
+        self.model = step.model  # a submodule: its weights are the program's parameters
+        self.layers = step.layers
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position: torch.Tensor,
+        width_of: torch.Tensor,
+        prompt_width_of: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        cross_keys: list[torch.Tensor],
+        cross_values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        width, prompt_width = width_of.shape[0], prompt_width_of.shape[0]
+        at = (torch.zeros(1, dtype=torch.long, device=position.device), position)
+        row = slice(0, 1)
+        rows = DecoderRows(at, [_Run(row, width)], width, [_Run(row, prompt_width)], prompt_width)
+        return self.layers(
+            hidden, rows, RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
+        )
