@@ -219,10 +219,16 @@ def head_verified(head: Rescored, runner: Callable[[torch.Tensor], torch.Tensor]
 
 
 def attach(
-    step: OneRowCompilable, source: str | Path, dtype: str, pack_weights: bool, cache: Path
+    step: OneRowCompilable,
+    source: str | Path,
+    dtype: str,
+    pack_weights: bool,
+    cache: Path,
+    niceness: int = BUILD_NICENESS,
 ) -> str:
-    """Give ``step`` its compiled one-row layers, building the package first if
-    ``cache`` has none for this model and machine; what happened, in words."""
+    """Give ``step`` its compiled one-row layers, building the package first (in a
+    subprocess, at ``niceness``) if ``cache`` has none for this model and machine; what
+    happened, in words."""
     package = cache / package_name(step.compiled_name, source, dtype, pack_weights)
     started = time.perf_counter()
     if not package.exists():
@@ -234,6 +240,7 @@ def attach(
             dtype,
             str(pack_weights),
             str(package),
+            str(niceness),
         ]
         try:
             done = subprocess.run(
@@ -295,6 +302,6 @@ def attach_in_background(
 
 
 if __name__ == "__main__":
-    os.nice(BUILD_NICENESS)
-    source, dtype, pack, target = sys.argv[1:]
+    source, dtype, pack, target, niceness = sys.argv[1:]
+    os.nice(int(niceness))
     build(source, dtype, pack == "True", Path(target))
