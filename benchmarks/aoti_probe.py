@@ -83,7 +83,7 @@ def main() -> None:
         print(attach(compiled, path, args.dtype, True, Path(cache)), flush=True)
         print(f"built and verified in {built - started:.1f} s, "
               f"loaded and verified in {time.perf_counter() - built:.2f} s")  # fmt: skip
-    start = engine.model.config.decoder_start_token_id or 0  # used by encoder-decoders only
+    start = engine.model.generation_config.decoder_start_token_id or 0  # encoder-decoders only
     own, filled = greedy(eager, prompt, start, args.steps)
     fast, _ = greedy(compiled, prompt, start, args.steps)
     same = sum(map(torch.equal, own, fast))

@@ -224,9 +224,7 @@ class OneRowDecoderLayers(nn.Module):
         cross_values: list[torch.Tensor],
     ) -> torch.Tensor:
         width, prompt_width = width_of.shape[0], prompt_width_of.shape[0]
-        at = (torch.zeros(1, dtype=torch.long, device=position.device), position)
-        row = slice(0, 1)
-        rows = DecoderRows(at, [_Run(row, width)], width, [_Run(row, prompt_width)], prompt_width)
-        return self.layers(
-            hidden, rows, RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
-        )
+        slots, cross = RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
+        own, prompt = [_Run(slice(0, 1), width)], [_Run(slice(0, 1), prompt_width)]
+        rows = DecoderRows(slots.at(position), own, width, prompt, prompt_width)
+        return self.layers(hidden, rows, slots, cross)

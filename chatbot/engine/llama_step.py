@@ -226,10 +226,10 @@ class OneRowLayers(nn.Module):
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        width = width_of.shape[0]
-        at = (torch.zeros(1, dtype=torch.long, device=position.device), position)
+        width, slots = width_of.shape[0], RowSlots.over(keys, values)
+        at = slots.at(position)
         step = StepRows(at, Rotation(cos, signed_sin), [_Run(slice(0, 1), width)], width)
-        return self.layers(hidden, step, RowSlots.over(keys, values))
+        return self.layers(hidden, step, slots)
 
 
 class LlamaStep(DecoderOnlyStep, OneRowCompilable):
