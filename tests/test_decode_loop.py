@@ -120,6 +120,18 @@ def test_mixed_options_share_steps_and_stay_identical(family_engine):
     assert together == replies_alone(family_engine, requests)
 
 
+def test_replies_that_wait_for_rows_take_over_those_of_finished_ones_exactly(family_engine):
+    """Five rows: each reply waits for the rows (and a Blenderbot reply for the prompt
+    row its beams share) that a finished one left, while the others go on."""
+    lengths = [9, 4, 13, 6, 11, 5]
+    requests = [
+        request(prompt, num_beams=1 + index % 2, max_new_tokens=tokens)
+        for index, (prompt, tokens) in enumerate(zip(PROMPTS, lengths, strict=True))
+    ]
+    together = run(family_engine, lambda b: b.generate(requests), max_rows=5)
+    assert together == replies_alone(family_engine, requests)
+
+
 def test_a_stream_gives_the_same_text_as_the_whole_reply(family_engine):
     whole = request(PROMPTS[2], num_beams=1, max_new_tokens=20)
 

@@ -1,7 +1,9 @@
 """The decode loop's step for Blenderbot: its decoder layers written out, row by row.
 
 Admitting a reply runs the encoder on its prompt alone and projects the cross-attention
-keys and values once into the reply's rows (beams share them). Each step then runs the
+keys and values once, into a cross-attention row of its own that all its beams read
+(``_Run.shared_row``). A copy per beam was 10x the memory, and 1.2 GB of keys and
+values read at every step of 16 ten-beam replies of Blenderbot-400M. Each step then runs the
 decoder layers by hand, from the model's own modules, because transformers' Blenderbot
 decoder takes one position for the whole batch: every row here brings its own position
 and attends over its own reply and its own prompt (``attend_by_run``).
@@ -59,39 +61,41 @@ class EncoderDecoderStep(OneRowCompilable):
         self.head_dim = config.d_model // self.heads
         layers, positions = config.decoder_layers, config.max_position_embeddings
         shape = (layers, self.heads, positions, self.head_dim, model.dtype, self.device)
-        self.slots = RowSlots(*shape)  # self-attention: the reply's own positions
-        self.cross = RowSlots(*shape)  # cross-attention: the encoded prompt
-        self.prompt_lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.slots = RowSlots(*shape)  # self-attention: each row's own positions
+        self.cross = RowSlots(*shape)  # cross-attention: a row per reply, its prompt
+        self.prompts = torch.zeros((0, 2), dtype=torch.long)
+        """For each running row: its reply's row of ``cross``, and the prompt's length."""
 
     def reserve(self, rows: int) -> None:
         super().reserve(rows)
-        self.cross.reserve(rows)
-        if rows > self.prompt_lengths.shape[0]:
-            grown = self.prompt_lengths.new_zeros(self.cross.capacity)
-            grown[: self.prompt_lengths.shape[0]] = self.prompt_lengths
-            self.prompt_lengths = grown
+        if rows > self.prompts.shape[0]:
+            grown = self.prompts.new_zeros((self.slots.capacity, 2))
+            grown[: self.prompts.shape[0]] = self.prompts
+            self.prompts = grown
 
     def release(self) -> None:
         super().release()
         self.cross.release()
-        self.prompt_lengths = self.prompt_lengths.new_zeros(0)
+        self.prompts = self.prompts.new_zeros((0, 2))
 
     def _move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
         super()._move_rows(source, target)
-        self.cross.move(source, target)
-        self.prompt_lengths[target] = self.prompt_lengths[source]
+        self.prompts[target.cpu()] = self.prompts[source.cpu()]  # their prompts stay put
 
     def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
         # Each prompt alone, as ``generate`` encodes a reply's prompt: a padded batch
         # would give each its attention over the batch's longest (see ``_attend``).
         encoder = self.model.get_encoder()
+        taken = set(self.prompts[: firsts[0], 0].tolist())  # the running replies'
         for prompt, first, count in zip(prompts, firsts, copies, strict=True):
+            row = next(row for row in range(len(taken) + 1) if row not in taken)
+            taken.add(row)
             ids = torch.tensor([list(prompt)], device=self.device)
             encoded = encoder(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
-            rows = slice(first, first + count)
             for index, layer in enumerate(self.decoder.layers):
-                self.cross.fill(index, rows, *self._cross_keys_values(layer, encoded))
-            self.prompt_lengths[rows] = len(prompt)
+                keys, values = self._cross_keys_values(layer, encoded)
+                self.cross.fill(index, slice(row, row + 1), keys, values)
+            self.prompts[first : first + count] = torch.tensor([row, len(prompt)])
         return None
 
     def _cross_keys_values(self, layer, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,16 +115,18 @@ class EncoderDecoderStep(OneRowCompilable):
         hidden = decoder.embed_tokens(tokens[:, None])
         hidden = hidden + decoder.embed_positions(hidden.shape, position_ids=positions[:, None])
         width, own_runs = self._make_room(positions, replies)
-        prompt_lengths = self.prompt_lengths[:n]
-        prompt_width = int(prompt_lengths.max())
+        cross_rows, prompt_lengths = self.prompts[:n].T.tolist()
+        prompt_width = max(prompt_lengths)
         one_row = self.one_row
         if one_row is not None and n == 1 and min(width, prompt_width) >= 2:
-            inputs = self._one_row_inputs(
-                hidden, positions, width, prompt_width, self.slots, self.cross
-            )
+            cross = self.cross.row_views(cross_rows[0])
+            inputs = self._one_row_inputs(hidden, positions, width, prompt_width, self.slots, cross)
             hidden = one_row(*inputs)
         else:
-            prompt_runs = _runs(prompt_lengths.tolist(), replies)
+            prompt_runs = [
+                _Run(run.rows, run.length, shared_row=cross_rows[run.rows.start])
+                for run in _runs(prompt_lengths, replies)
+            ]
             rows = DecoderRows(self.slots.at(positions), own_runs, width, prompt_runs, prompt_width)
             hidden = self.layers(hidden, rows, self.slots, self.cross)
         logits = self.model.lm_head(hidden) + self.model.final_logits_bias
@@ -144,7 +150,7 @@ class EncoderDecoderStep(OneRowCompilable):
             keys, values = slots.view(index, n, rows.width)
             hidden = hidden + self._attend(attention, states, keys, values, rows.own)
             states = layer.encoder_attn_layer_norm(hidden)
-            keys, values = cross.view(index, n, rows.prompt_width)
+            keys, values = cross.view(index, cross.capacity, rows.prompt_width)
             hidden = hidden + self._attend(layer.encoder_attn, states, keys, values, rows.prompt)
             states = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
             hidden = hidden + layer.fc2(states)
@@ -164,11 +170,12 @@ class EncoderDecoderStep(OneRowCompilable):
         width: int,
         prompt_width: int,
         slots: RowSlots,
-        cross: RowSlots,
+        cross: tuple[list[torch.Tensor], list[torch.Tensor]],
     ) -> tuple:
+        """``cross``: the row's prompt keys and values (``RowSlots.row_views``)."""
         width_of = length_carrier(width, hidden.device)
         prompt_width_of = length_carrier(prompt_width, hidden.device)
-        return hidden, position, width_of, prompt_width_of, *slots.first_row(), *cross.first_row()
+        return hidden, position, width_of, prompt_width_of, *slots.row_views(), *cross
 
     def one_row_layers(self) -> nn.Module:
         return OneRowDecoderLayers(self)
@@ -183,7 +190,7 @@ class EncoderDecoderStep(OneRowCompilable):
         hidden = torch.randn(1, 1, self.heads * self.head_dim, generator=generator)
         position = torch.tensor([width - 1], device=self.device)
         return self._one_row_inputs(
-            hidden.to(self.device), position, width, capacity - 1, slots, cross
+            hidden.to(self.device), position, width, capacity - 1, slots, cross.row_views()
         )
 
     def dynamic_shapes(self) -> tuple:

@@ -279,7 +279,7 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
         slots: RowSlots,
     ) -> tuple:
         width_of = length_carrier(width, hidden.device)
-        return hidden, rotation.cos, rotation.signed_sin, position, width_of, *slots.first_row()
+        return hidden, rotation.cos, rotation.signed_sin, position, width_of, *slots.row_views()
 
     def one_row_layers(self) -> nn.Module:
         return OneRowLayers(self.model, self.layers)

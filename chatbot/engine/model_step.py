@@ -79,7 +79,7 @@ class ModelStep(ABC):
         lengths = (positions + 1).tolist()
         width = max(lengths)
         self.slots.reserve(len(lengths), width)
-        self.slots.written = width  # every running row takes part in the step
+        self.slots.advance([length - 1 for length in lengths])
         return width, _runs(lengths, replies)
 
 
@@ -127,6 +127,18 @@ class _Run:
 
     rows: slice
     length: int
+    shared_row: int | None = None
+    """The one buffer row that all the run's rows read (a prompt's keys and values,
+    which a reply's beams share), or None: each row reads its own."""
+
+    def own(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The run's part of a (rows, heads, positions, dim) key or value ``buffer``
+        over its length: its rows, or its shared row expanded to as many (SDPA reads
+        an expanded row as it reads that many copies, to the bit)."""
+        if self.shared_row is None:
+            return buffer[self.rows, :, : self.length]
+        one = buffer[self.shared_row : self.shared_row + 1, :, : self.length]
+        return one.expand(self.rows.stop - self.rows.start, -1, -1, -1)
 
 
 def _runs(lengths: list[int], replies: Sequence[int]) -> list[_Run]:
@@ -152,12 +164,10 @@ def attend_by_run(
     activation's rounding), so a reply would depend on the replies beside it. These are
     the calls ``generate`` makes for each reply alone; measured no slower than the
     masked call."""
-    if len(runs) == 1 and runs[0].length == keys.shape[2]:  # one reply: all of them
+    alone = runs[0] if len(runs) == 1 else None
+    if alone and alone.length == keys.shape[2] and alone.shared_row is None:  # all of them
         return attend(query, keys, values)
-    return torch.cat([
-        attend(query[run.rows], keys[run.rows, :, : run.length], values[run.rows, :, : run.length])
-        for run in runs
-    ])  # fmt: skip
+    return torch.cat([attend(query[run.rows], run.own(keys), run.own(values)) for run in runs])
 
 
 PER_REPLY = "chatbot_per_reply"

@@ -13,7 +13,11 @@ of long replies does not keep its memory for good.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+
+from chatbot.engine.lineage import Lineage
 
 
 class RowSlots:
@@ -31,8 +35,9 @@ class RowSlots:
         self.heads, self.head_dim, self.max_positions = heads, head_dim, positions
         self.dtype, self.device = dtype, device
         self.written = 0
-        """Positions that hold values in some row, at most (``fill`` and the decode
-        step raise it; see ``reorder``)."""
+        """Positions that hold values in some row, at most (``fill`` and ``advance``
+        raise it; see ``reorder``)."""
+        self.lineage = Lineage()
         self.keys = [self._empty(0, 0) for _ in range(layers)]
         self.values = [self._empty(0, 0) for _ in range(layers)]
 
@@ -56,10 +61,10 @@ class RowSlots:
             buffer.copy_(torch.randn(buffer.shape, generator=generator))
         return scratch
 
-    def first_row(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Row 0 of every layer's keys and of its values, as (1, heads, width, dim)
+    def row_views(self, row: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One row of every layer's keys and of its values, as (1, heads, width, dim)
         views: what a compiled one-row step reads and writes."""
-        return [k[:1] for k in self.keys], [v[:1] for v in self.values]
+        return [k[row : row + 1] for k in self.keys], [v[row : row + 1] for v in self.values]
 
     @property
     def capacity(self) -> int:
@@ -82,17 +87,24 @@ class RowSlots:
                 grown = self._empty(size, width)
                 grown[: old.shape[0], :, : old.shape[2]] = old
                 buffers[layer] = grown
+        self.lineage.reserve(size)
 
     def release(self) -> None:
         """Give every buffer back (the next ``reserve`` allocates anew)."""
         self.keys = [self._empty(0, 0) for _ in self.keys]
         self.values = [self._empty(0, 0) for _ in self.values]
         self.written = 0
+        self.lineage.release()
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where ``write`` stores a step's new position of rows 0..n-1 (``positions``
         has one per row): made once per step, for every layer."""
         return torch.arange(positions.shape[0], device=self.device), positions
+
+    def advance(self, positions: list[int]) -> None:
+        """Rows 0..n-1 write their ``positions`` this step (``write``, every layer)."""
+        self.written = max(positions) + 1  # every running row takes part in the step
+        self.lineage.wrote(positions)
 
     def write(
         self,
@@ -112,6 +124,7 @@ class RowSlots:
         length = keys.shape[2]
         self.reserve(rows.stop, length)
         self.written = max(self.written, length)
+        self.lineage.filled(range(rows.start, rows.stop), length)
         self.keys[layer][rows, :, :length] = keys
         self.values[layer][rows, :, :length] = values
 
@@ -126,20 +139,26 @@ class RowSlots:
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer[target] = buffer[source]
+        self.lineage.copied(source.tolist(), target.tolist())
 
     def reorder(self, first: int, parents: torch.Tensor) -> None:
-        """Rows ``first + i`` take the contents of rows ``first + parents[i]``, as far
-        as any row is ``written``. Only rows whose parent is another row are copied,
-        and not the positions past what was written: whole rows of a 10-beam
-        Blenderbot-400M reply were up to 150 MB a step."""
-        index = parents.to(self.device)
-        moved = index != torch.arange(index.shape[0], device=self.device)
-        if not bool(moved.any()):
+        """Rows ``first + i`` take the contents of rows ``first + parents[i]``. Only
+        rows whose parent is another row are copied, and only the positions from the
+        first at which some of them differ (``Lineage``) to the last written: whole
+        rows of a 10-beam Blenderbot-400M reply were up to 150 MB a step."""
+        moved = [(first + p, first + i) for i, p in enumerate(parents.tolist()) if p != i]
+        if not moved:
             return
-        targets, sources = moved.nonzero().squeeze(1) + first, index[moved] + first
+        start = min(self.lineage.shared(source, target, self.written) for source, target in moved)
+        sources, targets = zip(*moved, strict=True)
+        self.lineage.copied(sources, targets)
+        if start == self.written:
+            return
+        at = partial(torch.tensor, device=self.device)
+        rows_from, rows_to, positions = at(sources), at(targets), slice(start, self.written)
         for buffers in (self.keys, self.values):
             for buffer in buffers:
-                buffer[targets, :, : self.written] = buffer[sources, :, : self.written]
+                buffer[rows_to, :, positions] = buffer[rows_from, :, positions]
 
     def _empty(self, rows: int, positions: int) -> torch.Tensor:
         # Zeros, not empty: a masked position still enters attention's value product.
