@@ -2,8 +2,8 @@
 
 Admitting a reply runs the encoder on its prompt alone and projects the cross-attention
 keys and values once, into a cross-attention row of its own that all its beams read
-(``_Run.shared_row``). A copy per beam was 10x the memory, and 1.2 GB of keys and
-values read at every step of 16 ten-beam replies of Blenderbot-400M. Each step then runs the
+(``_Run.shared_row``): a copy per beam was 10x the memory, and about 1.2 GB read at
+every step of 16 ten-beam replies of Blenderbot-400M. Each step then runs the
 decoder layers by hand, from the model's own modules, because transformers' Blenderbot
 decoder takes one position for the whole batch: every row here brings its own position
 and attends over its own reply and its own prompt (``attend_by_run``).
