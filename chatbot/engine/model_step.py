@@ -7,8 +7,9 @@ attends only to its own filled keys: both steps attend reply by reply, each in t
 and the batch it is computed in, so one masked call would not be exact).
 
 * ``EncoderDecoderStep`` (Blenderbot, ``encoder_decoder_step``): admitting a reply
-  runs the encoder and projects the cross-attention keys/values once into the reply's
-  rows (beams share them); each step then runs the decoder layers by hand.
+  runs the encoder and projects the cross-attention keys/values once, into one row
+  that all the reply's beams read (``_Run.shared_row``); each step then runs the
+  decoder layers by hand.
 * ``DecoderOnlyStep`` (Llama, SmolLM2, Qwen...): admitting a reply runs its prompt
   through the model as ``generate`` would and copies the keys/values into its rows;
   each step is the model's own forward with per-row ``position_ids``, a cache that

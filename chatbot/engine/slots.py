@@ -42,7 +42,8 @@ class RowSlots:
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> RowSlots:
         """Slots whose buffers are ``keys`` and ``values`` as they are (a compiled
-        step's inputs, ``compiled_step``)."""
+        step's inputs, ``compiled_step``), read and written in place: they are not
+        views of ``storage``, so these slots never ``move``, ``reorder`` or grow."""
         _, heads, positions, head_dim = keys[0].shape
         slots = cls(0, heads, positions, head_dim, keys[0].dtype, keys[0].device)
         slots.keys, slots.values = list(keys), list(values)
