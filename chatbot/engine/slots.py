@@ -13,14 +13,15 @@ of long replies does not keep its memory for good.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from chatbot.engine.lineage import Lineage
 
 
 class RowSlots:
-    """Per-layer key and value buffers of shape (rows, heads, positions, head_dim),
-    views of one (2, layers, rows, heads, positions, head_dim) ``storage``."""
+    """Per-layer key and value buffers of shape (rows, heads, positions, head_dim)."""
 
     def __init__(
         self,
@@ -37,13 +38,13 @@ class RowSlots:
         """Positions that hold values in some row, at most (``fill`` and ``advance``
         raise it; see ``reorder``)."""
         self.lineage = Lineage()
-        self._use(self._empty(layers, 0, 0))
+        self.keys = [self._empty(0, 0) for _ in range(layers)]
+        self.values = [self._empty(0, 0) for _ in range(layers)]
 
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> RowSlots:
         """Slots whose buffers are ``keys`` and ``values`` as they are (a compiled
-        step's inputs, ``compiled_step``), read and written in place: they are not
-        views of ``storage``, so these slots never ``move``, ``reorder`` or grow."""
+        step's inputs, ``compiled_step``), read and written in place."""
         _, heads, positions, head_dim = keys[0].shape
         slots = cls(0, heads, positions, head_dim, keys[0].dtype, keys[0].device)
         slots.keys, slots.values = list(keys), list(values)
@@ -81,15 +82,17 @@ class RowSlots:
         width = self.width
         if positions > width:
             width = min(max(positions, 2 * width, 16), self.max_positions)
-        old = self.storage
-        grown = self._empty(len(self.keys), size, width)
-        grown[:, :, : old.shape[2], :, : old.shape[4]] = old
-        self._use(grown)
+        for buffers in (self.keys, self.values):
+            for layer, old in enumerate(buffers):
+                grown = self._empty(size, width)
+                grown[: old.shape[0], :, : old.shape[2]] = old
+                buffers[layer] = grown
         self.lineage.reserve(size)
 
     def release(self) -> None:
         """Give every buffer back (the next ``reserve`` allocates anew)."""
-        self._use(self._empty(len(self.keys), 0, 0))
+        self.keys = [self._empty(0, 0) for _ in self.keys]
+        self.values = [self._empty(0, 0) for _ in self.values]
         self.written = 0
         self.lineage.release()
 
@@ -133,37 +136,31 @@ class RowSlots:
 
     def move(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """Copy rows ``source`` into rows ``target`` (disjoint), every layer."""
-        self.storage[:, :, target] = self.storage[:, :, source]
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target] = buffer[source]
         self.lineage.copied(source.tolist(), target.tolist())
 
     def reorder(self, first: int, parents: torch.Tensor) -> None:
         """Rows ``first + i`` take the contents of rows ``first + parents[i]``. Only
-        rows whose parent is another row are copied, each from the first position at
-        which it and its parent differ (``Lineage``) to the last written, in every
-        layer at once: whole rows of a 10-beam Blenderbot-400M reply were up to 150 MB
-        a step, and a copy for each layer's keys and values 48 calls."""
+        rows whose parent is another row are copied, and only the positions from the
+        first at which some of them differ (``Lineage``) to the last written: whole
+        rows of a 10-beam Blenderbot-400M reply were up to 150 MB a step."""
         moved = [(first + p, first + i) for i, p in enumerate(parents.tolist()) if p != i]
         if not moved:
             return
-        written, storage = self.written, self.storage
-        starts = [self.lineage.shared(source, target, written) for source, target in moved]
-        taken = [
-            (target, start, storage[:, :, source, :, start:written].clone())
-            for (source, target), start in zip(moved, starts, strict=True)
-            if start < written
-        ]
-        for target, start, values in taken:
-            storage[:, :, target, :, start:written] = values
+        start = min(self.lineage.shared(source, target, self.written) for source, target in moved)
         sources, targets = zip(*moved, strict=True)
         self.lineage.copied(sources, targets)
+        if start == self.written:
+            return
+        at = partial(torch.tensor, device=self.device)
+        rows_from, rows_to, positions = at(sources), at(targets), slice(start, self.written)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[rows_to, :, positions] = buffer[rows_from, :, positions]
 
-    def _use(self, storage: torch.Tensor) -> None:
-        """Keys and values of every layer, one tensor: a beam step copies a row's
-        positions in all of them at once."""
-        self.storage = storage
-        self.keys, self.values = list(storage[0]), list(storage[1])
-
-    def _empty(self, layers: int, rows: int, positions: int) -> torch.Tensor:
+    def _empty(self, rows: int, positions: int) -> torch.Tensor:
         # Zeros, not empty: a masked position still enters attention's value product.
-        shape = (2, layers, rows, self.heads, positions, self.head_dim)
+        shape = (rows, self.heads, positions, self.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
