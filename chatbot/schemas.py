@@ -267,6 +267,12 @@ class ModelInfo(BaseModel):
         description="On a CPU, the instruction set its kernels use, as oneDNN names it "
         "(avx2, avx512_core_vnni, avx512_core_amx...).",
     )
+    attention: Literal["rows", "sdpa"] = Field(
+        default="sdpa",
+        description="How a decode step attends: rows (one call of the engine's own "
+        "kernel for every conversation, on a CPU with a C compiler) or sdpa (torch's, "
+        "once per conversation; CHATBOT_ATTENTION=sdpa).",
+    )
     decode_step: Literal["eager", "compiling", "compiled"] = Field(
         default="eager",
         description="How the decode loop runs one conversation's steps: compiled ahead "

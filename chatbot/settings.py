@@ -109,6 +109,9 @@ or BentoML's adaptive batching of whole replies (``service.py``)."""
 
 DTYPE_CHOICES = frozenset({"auto", "float32", "bfloat16", "int8", "int4", "float16"})
 """Precisions (CHATBOT_DTYPE); ``auto`` picks by device (``chatbot.engine.precision``)."""
+ATTENTION_CHOICES = frozenset({"auto", "sdpa"})
+"""CHATBOT_ATTENTION, which ``chatbot.engine.kernels.attention`` reads in the workers:
+checked here so that a typo stops the service at start."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Settings:
     timeout_s: float
     pack_weights: bool
     dtype: str
+    attention: str
     compile_step: bool
     compile_cache: str
     max_concurrency: int
@@ -157,6 +161,7 @@ class Settings:
             timeout_s=_float("CHATBOT_TIMEOUT_S", 600),
             pack_weights=_bool("CHATBOT_PACK_WEIGHTS", True),
             dtype=_choice("CHATBOT_DTYPE", "auto", DTYPE_CHOICES),
+            attention=_choice("CHATBOT_ATTENTION", "auto", ATTENTION_CHOICES),
             compile_step=_bool("CHATBOT_COMPILE_STEP", True),
             compile_cache=os.environ.get("CHATBOT_COMPILE_CACHE", "").strip()
             or default_compile_cache(),

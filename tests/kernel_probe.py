@@ -24,9 +24,11 @@ from chatbot.engine.kernels import (
     RescoredBFloat16Linear,
     RescoredInt8Linear,
 )
+from chatbot.engine.kernels.attention import attend_rows
 from chatbot.engine.kernels.bfloat16 import run_without_amx
 from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.kernels.int8 import absmax_scales, weight_range
+from chatbot.engine.kernels.native import isa_flags
 
 
 def rows_that_differ(layer: PackedLinear, batch: torch.Tensor) -> list[str]:
@@ -70,6 +72,30 @@ def int8_error(linear: nn.Linear, x: torch.Tensor) -> float:
     return float((got - exact).abs().max() / exact.abs().max())
 
 
+def attention_cases_that_differ() -> list[str]:
+    """Where a row's attention (``kernels.attention``) differs from the same row in a
+    64-row call: fewer rows, the reverse order, a narrower key buffer; with Blenderbot's
+    40-wide heads and SmolLM2's 64-wide grouped ones, some rows reading a shared row."""
+    differ = []
+    for heads, kv_heads, dim in ((32, 32, 40), (9, 3, 64)):
+        keys, values = torch.randn(2, 64, kv_heads, 80, dim).unbind()
+        query = torch.randn(64, 1, heads, dim).transpose(1, 2)  # as a step's projection
+        lengths = torch.randint(1, 81, (64,))
+        rows = torch.where(torch.rand(64) < 0.3, 0, torch.arange(64))
+        together = attend_rows(query, keys, values, rows, lengths, dim**-0.5)
+        for n in (1, 2, 7, 64):
+            width = int(lengths[:n].max())
+            narrow = keys[:, :, :width], values[:, :, :width]
+            alone = attend_rows(query[:n], *narrow, rows[:n], lengths[:n], dim**-0.5)
+            if not torch.equal(alone, together[:n]):
+                differ.append(f"{dim}-wide heads, {n} rows")
+        flipped = [t.flip(0) for t in (query, rows, lengths)]
+        reverse = attend_rows(flipped[0], keys, values, *flipped[1:], dim**-0.5)
+        if not torch.equal(reverse, together.flip(0)):
+            differ.append(f"{dim}-wide heads, reversed")
+    return differ
+
+
 def main() -> None:
     """``--bfloat16``: the bfloat16 kernels alone, as the service runs them (capped below
     AMX first, ``run_without_amx``); otherwise every other kernel, at the level given."""
@@ -92,8 +118,11 @@ def main() -> None:
         extreme.weight.copy_(torch.where(torch.rand(64, 256) < 0.5, -1.0, 1.0))
         worst = torch.full((4, 256), 3.0) * torch.where(torch.rand(4, 256) < 0.9, 1.0, -1.0)
         errors = {"random": int8_error(linear, batch), "extreme": int8_error(extreme, worst)}
+        if "--bfloat16" not in sys.argv:
+            differ["attention"] = attention_cases_that_differ()
     aten = torch.backends.cpu.get_cpu_capability()
-    print(json.dumps({"isa": cpu_isa(), "aten": aten, "differ": differ, "int8_error": errors}))
+    found = {"isa": cpu_isa(), "aten": aten, "differ": differ, "int8_error": errors}
+    print(json.dumps({**found, "attention_flags": isa_flags()}))
 
 
 if __name__ == "__main__":

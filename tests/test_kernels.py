@@ -1,6 +1,6 @@
 """Linear-layer kernels: the maths of nn.Linear (exactly, or as quantized), and a
 row's result independent of the rows beside it, under every instruction set this
-CPU has."""
+CPU has (the attention kernel's too, ``test_attention.py``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX
 from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels.fused import ProjectionPart, SharedProduct, fuse_projections
 from chatbot.engine.kernels.int4 import dequantize_groups, four_bits_throughout, quantize_groups
+from chatbot.engine.kernels.int8 import absmax_scales, quantize_rows, scale_rows
+from chatbot.engine.kernels.native import library
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
 
@@ -57,8 +59,12 @@ def test_every_kernel_keeps_rows_independent_under_every_instruction_set(
         "Int8Linear",
         "RescoredInt8Linear",
         "Int4Linear",
+        "attention",
     }
     assert all(rows == [] for rows in found["differ"].values()), found["differ"]
+    assert found["attention_flags"] == (  # the attention kernel's code for this level
+        ["-march=x86-64-v3"] if level.startswith("avx2") else ["-march=x86-64-v4"]
+    )
     for capped_below_amx in bfloat16:
         assert capped_below_amx["isa"] == min(level, WITHOUT_AMX, key=LEVELS.index)
         differ = capped_below_amx["differ"]
@@ -370,3 +376,29 @@ def test_a_kernel_being_built_is_seen(capfd):
     """What the test above relies on: a layer of a shape not packed before builds one."""
     new_shape = Float32Linear(nn.Linear(24, 40))
     assert len(kernels_built(capfd, lambda: new_shape(torch.randn(5, 24)))) == 1
+
+
+@pytest.mark.skipif(library() is None, reason="no C compiler: torch's operations serve")
+@pytest.mark.parametrize("zero_point", [0, 128])
+@pytest.mark.parametrize(("rows", "features"), [(1, 1280), (7, 40), (32, 5120), (3, 17)])
+def test_int8_activations_are_torchs_to_the_bit_in_one_pass(
+    rows: int, features: int, zero_point: int
+):
+    """``quantize.c`` replaces eight torch operations around each int8 product; a
+    compiled step still traces those operations, so both must give the same bytes and
+    floats (ties round to even, zero rows get the smallest scale)."""
+    generator = torch.Generator().manual_seed(rows * features)
+    x = torch.randn(rows, features, generator=generator) * 10
+    x[0, :3] = torch.tensor([0.5, -2.5, 1e-30])
+    x[-1] = 0.0
+    quantized, scales = quantize_rows(x, zero_point)
+    expected_scales = absmax_scales(x)
+    expected = x.div(expected_scales).round_()
+    expected = expected.add_(zero_point).to(torch.uint8) if zero_point else expected.to(torch.int8)
+    assert torch.equal(quantized, expected)
+    assert torch.equal(scales, expected_scales)
+    products, bias = torch.randn(rows, 300, generator=generator), torch.randn(300)
+    for added in (bias, None):
+        by_torch = products.clone().mul_(scales)
+        by_torch = by_torch if added is None else by_torch.add_(added)
+        assert torch.equal(scale_rows(products.clone(), scales, added), by_torch)

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 
 from chatbot.engine import precision
 from chatbot.engine.chat_engine import ChatEngine
-from chatbot.engine.kernels import BFloat16Linear, PackedLinear
+from chatbot.engine.kernels import BFloat16Linear, PackedLinear, attention
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
@@ -77,6 +77,7 @@ def test_a_bfloat16_engine_multiplies_in_bfloat16_and_answers(tiny_checkpoint: P
 def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
     info = httpx.post(f"{int8_served.url}/info", json={}, timeout=30).json()
     assert (info["device"], info["dtype"], info["cpu_isa"]) == ("cpu", "int8", cpu_isa())
+    assert info["attention"] == ("rows" if attention.library() else "sdpa")
     answer = httpx.post(
         f"{int8_served.url}/respond",
         json={"messages": [{"role": "user", "content": "hi"}], **GREEDY},

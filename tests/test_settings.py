@@ -23,6 +23,7 @@ from chatbot.settings import Settings
         ("CHATBOT_COALESCE_MS", "-5", "must be at least 0, not -5"),
         ("CHATBOT_RELEASE_MEMORY_EVERY_S", "nan", "must be at least 0, not nan"),
         ("CHATBOT_TIMEOUT_S", "ten", "must be a number, not 'ten'"),
+        ("CHATBOT_ATTENTION", "flash", "must be one of auto, sdpa, not 'flash'"),
     ],
 )
 def test_a_value_the_service_cannot_use_is_refused_by_name(

@@ -32,9 +32,9 @@ from transformers import (
 from chatbot.engine import precision, stop_texts
 from chatbot.engine.decoding import Decoding, ExtraRules, start_decoding
 from chatbot.engine.families import detect_family
-from chatbot.engine.kernels import skip_redundant_rows
+from chatbot.engine.kernels import attention, skip_redundant_rows
 from chatbot.engine.kernels.cpu import cpu_isa
-from chatbot.engine.model_step import ModelStep
+from chatbot.engine.model_step import PER_REPLY, ModelStep
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.plan import DecodingPlan, model_defaults, options_error, resolve_plan
 from chatbot.engine.replies import ReplyWriter
@@ -70,6 +70,9 @@ class ChatEngine:
         precision_used: precision.Precision = precision.FLOAT32,
     ) -> None:
         self.model = model.eval()
+        # ``generate`` attends as the decode loop's steps do (``attend_per_reply``), so
+        # that a reply is the same whichever of the two writes it.
+        model.set_attn_implementation(PER_REPLY)
         self.precision = precision_used
         self.family = detect_family(model.config, tokenizer)
         tokenizer.padding_side = self.family.padding_side
@@ -126,6 +129,7 @@ class ChatEngine:
             device=self.model.device.type,
             dtype=self.precision.name,
             cpu_isa=cpu_isa() if self.model.device.type == "cpu" else None,
+            attention="rows" if attention.runs_on(self.model) else "sdpa",
             max_new_tokens_limit=self.max_new_tokens_limit,
             default_max_new_tokens=self.defaults.max_new_tokens,
             default_num_beams=self.defaults.num_beams,

@@ -18,11 +18,12 @@ Blenderbot-400M: 45-56 s; in a subprocess, while the eager step serves) and load
 **Exact or not used.** The decode loop promises ``generate``'s replies, so the compiled
 step must give the eager step's values to the bit. Inductor's own code for a few
 operations computes them otherwise, so those stay ATen's (``ATENS_OWN``: the norms'
-reductions and ``gelu``); everything else (products, rotation, attention, quantizing
-activations, cache writes) is inductor's, and agrees. A package is attached to a step
-only after it gave the eager layers' outputs and cache writes bit for bit on random
-inputs (``verified``); a CPU, torch or code change that breaks this leaves the eager
-step serving.
+reductions and ``gelu``); attention is the engine's own kernel, which the package
+calls back as an operator (``kernels.attention``); everything else (products,
+rotation, quantizing activations, cache writes) is inductor's, and agrees. A package
+is attached to a step only after it gave the eager layers' outputs and cache writes
+bit for bit on random inputs (``verified``); a CPU, torch or code change that breaks
+this leaves the eager step serving.
 
 **Kernels chosen by measurement where that stays exact.** Where every product of the
 layers sums in integers and is scaled without a zero point (``int8`` with AMX,
@@ -60,6 +61,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedModel
 
+from chatbot.engine.kernels import attention
 from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.kernels.rescored import Rescored
 from chatbot.engine.kernels.rows import PackedLinear
@@ -116,7 +118,8 @@ def package_name(family: str, source: str | Path, dtype: str, pack_weights: bool
     """The package's file name: the step's family, and a digest of all it depends on
     (the model's files, how they are loaded, the CPU, torch and this engine's code)."""
     digest = hashlib.sha256()
-    for part in (torch.__version__, str(cpu_isa()), dtype, str(pack_weights)):
+    attending = "rows kernel" if attention.library() else "sdpa"  # ``kernels.attention``
+    for part in (torch.__version__, str(cpu_isa()), dtype, str(pack_weights), attending):
         digest.update(part.encode() + b"\0")
     for file in sorted(Path(source).rglob("*")):
         if file.is_file():
@@ -124,7 +127,7 @@ def package_name(family: str, source: str | Path, dtype: str, pack_weights: bool
             digest.update(
                 f"{file.relative_to(source)} {stat.st_size} {stat.st_mtime_ns}\0".encode()
             )
-    for file in sorted(SOURCES.rglob("*.py")):
+    for file in sorted([*SOURCES.rglob("*.py"), *SOURCES.rglob("*.c")]):
         digest.update(file.read_bytes())
     return f"{family}-one-row-{digest.hexdigest()[:16]}.pt2"
 

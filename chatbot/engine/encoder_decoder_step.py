@@ -160,7 +160,7 @@ class EncoderDecoderStep(OneRowCompilable):
         """Each reply's rows attend in a call of their own (``attend_by_run``)."""
         query = self._heads(attention.q_proj(states))
         scaled = partial(functional.scaled_dot_product_attention, scale=attention.scaling)
-        out = attend_by_run(runs, query, keys, values, scaled)
+        out = attend_by_run(runs, query, keys, values, scaled, attention.scaling)
         return attention.out_proj(out.transpose(1, 2).reshape(states.shape))
 
     @staticmethod

@@ -99,6 +99,7 @@ class _Layer:
     queries_keys_values: Product
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     """transformers' SDPA attention for one query and no mask (``use_gqa_in_sdpa``)."""
+    scale: float
     add_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     post_attention_norm: Product
     gate_up: Product
@@ -123,6 +124,7 @@ class _Layer:
                 scale=attention.scaling,
                 enable_gqa=grouped,
             ),
+            attention.scaling,
             added_product(attention.o_proj),
             norm_of(layer.post_attention_layernorm),
             side_by_side(mlp, ("gate_proj", "up_proj")),
@@ -199,7 +201,7 @@ class LlamaLayers:
         values = projected[:, query_heads + kv_heads :]
         slots.write(layer.index, step.at, keys, values)
         keys, values = slots.view(layer.index, n, step.width)
-        out = attend_by_run(step.runs, query, keys, values, layer.attend)
+        out = attend_by_run(step.runs, query, keys, values, layer.attend, layer.scale)
         return out.reshape(n, -1)
 
 

@@ -2,9 +2,11 @@
 
 ``generate`` advances a batch whose rows all sit at the same position. The decode loop
 mixes rows that joined at different steps, so each row brings its own position and
-attends only to its own filled keys: both steps attend reply by reply, each in the call
-``generate`` makes for that reply alone (SDPA's result for a row depends on the width
-and the batch it is computed in, so one masked call would not be exact).
+attends only to its own filled keys: both steps attend each reply over its own length
+(``attend_by_run``), in one call of a kernel that computes every row alone
+(``kernels.attention``), or in SDPA's call for that reply alone (SDPA's result for a row
+depends on the width and the batch it is computed in, so one masked call would not be
+exact). ``generate`` attends through the same function (``attend_per_reply``).
 
 * ``EncoderDecoderStep`` (Blenderbot, ``encoder_decoder_step``): admitting a reply
   runs the encoder and projects the cross-attention keys/values once, into one row
@@ -30,6 +32,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from chatbot.engine.kernels import attention
 from chatbot.engine.slots import RowSlots
 
 
@@ -157,18 +160,44 @@ def attend_by_run(
     keys: torch.Tensor,
     values: torch.Tensor,
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    scale: float,
 ) -> torch.Tensor:
-    """``attend(query, keys, values)`` once per reply, on its rows and over its own
-    length, the results in row order. One call for the whole batch (the widest row's
-    length, the rest masked) sums in another order: SDPA's result for a row depends on
-    the width and on the batch size (up to 4.8e-7 apart, enough to flip an int8
-    activation's rounding), so a reply would depend on the replies beside it. These are
-    the calls ``generate`` makes for each reply alone; measured no slower than the
-    masked call."""
+    """(n, heads, 1, dim) ``query``'s rows, each reply's over its own length, in row
+    order: all in one call of ``kernels.attention`` where it runs, else ``attend(query,
+    keys, values)`` (SDPA, with ``scale``) once per reply. One SDPA call for the whole
+    batch (the widest row's length, the rest masked) sums in another order: its result
+    for a row depends on the width and on the batch size (up to 4.8e-7 apart, enough to
+    flip an int8 activation's rounding), so a reply would depend on the replies beside
+    it. The calls per reply are those ``generate`` makes for each reply alone."""
+    if attention.applies(query, keys):
+        rows, lengths = _run_index(runs, query.device)
+        return attention.attend_rows(query, keys, values, rows, lengths, scale)
     alone = runs[0] if len(runs) == 1 else None
     if alone and alone.length == keys.shape[2] and alone.shared_row is None:  # all of them
         return attend(query, keys, values)
     return torch.cat([attend(query[run.rows], run.own(keys), run.own(values)) for run in runs])
+
+
+def _run_index(runs: Sequence[_Run], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's key row and length (``kernels.attention.attend_rows``)."""
+    if len(runs) == 1:  # a compiled step's one row, whose length is symbolic
+        run = runs[0]
+        count = run.rows.stop - run.rows.start
+        if run.shared_row is None:
+            rows = torch.arange(run.rows.start, run.rows.stop, device=device)
+        else:
+            rows = torch.full((count,), run.shared_row, device=device)
+        return rows, torch.full((count,), run.length, device=device)
+    key_rows: list[int] = []
+    lengths: list[int] = []
+    for run in runs:
+        count = run.rows.stop - run.rows.start
+        if run.shared_row is None:
+            key_rows.extend(range(run.rows.start, run.rows.stop))
+        else:
+            key_rows.extend([run.shared_row] * count)
+        lengths.extend([run.length] * count)
+    return torch.tensor(key_rows, device=device), torch.tensor(lengths, device=device)
 
 
 PER_REPLY = "chatbot_per_reply"
@@ -184,16 +213,21 @@ def attend_per_reply(
     runs: Sequence[_Run] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, unmasked, once per reply over the reply's own
-    length when the decode loop passes ``runs`` (``attend_by_run``), as Blenderbot's
-    step attends; transformers' own otherwise (prompts, ``generate``)."""
+    """Attention of one new position per row, each reply's rows over the reply's own
+    length (``attend_by_run``): the decode loop's step passes ``runs``; ``generate``'s
+    steps (every row as long as the others, no mask) are one run. Anything else
+    (prompts, masked batches) is transformers' SDPA attention, as it would be."""
     if runs is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if attention_mask is not None or query.shape[2] != 1:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        runs = [_Run(slice(0, query.shape[0]), key.shape[2])]
 
     def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0].transpose(1, 2)
 
-    return attend_by_run(runs, query, key, value, unmasked), None
+    scale = kwargs.get("scaling")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return attend_by_run(runs, query, key, value, unmasked, scale).transpose(1, 2), None
 
 
 AttentionInterface.register(PER_REPLY, attend_per_reply)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chatbot.engine.kernels import native
 from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.rows import BATCH_HINT, PackedLinear
 
@@ -57,7 +58,18 @@ def activation_zero_point() -> int:
 
 def quantize_rows(rows: torch.Tensor, zero_point: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, in) float32 -> bytes (int8, or uint8 shifted by ``zero_point``), and each
-    row's scale."""
+    row's (count, 1) scale: in one pass of ``quantize.c`` where it runs (the same bytes
+    as these operations, which a compiled step traces and fuses)."""
+    kernel = native.library()
+    if kernel is not None and not torch.compiler.is_compiling() and rows.stride(1) == 1:
+        count, features = rows.shape
+        out = torch.empty((count, features), dtype=torch.uint8 if zero_point else torch.int8)
+        scales = torch.empty((count, 1))
+        kernel.quantize_rows(
+            rows.data_ptr(), count, features, rows.stride(0), 127.0, zero_point,
+            out.data_ptr(), scales.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out, scales
     scales = absmax_scales(rows)
     quantized = rows.div(scales).round_()
     if zero_point:
@@ -84,5 +96,19 @@ class Int8Linear(PackedLinear):
             quantized, 1.0, self.zero_point, self.packed, self.weight_scales, self._no_zero_points,
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
+        return scale_rows(out, scales, self.bias)
+
+
+def scale_rows(out: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out * scales (+ bias)`` in place: one pass of ``quantize.c`` where it runs."""
+    kernel = native.library()
+    if kernel is None or torch.compiler.is_compiling() or not out.is_contiguous():
         out = out.mul_(scales)
-        return out if self.bias is None else out.add_(self.bias)
+        return out if bias is None else out.add_(bias)
+    bias = None if bias is None else bias.contiguous()  # held until the call returns
+    count, width = out.shape
+    bias_at = None if bias is None else bias.data_ptr()
+    kernel.scale_rows(
+        out.data_ptr(), count, width, scales.data_ptr(), bias_at, torch.get_num_threads()
+    )
+    return out

@@ -1,0 +1,114 @@
+/* Decode attention for many rows in one call: one query position per row, each row
+ * over its own keys and length. Every (row, head) is computed alone, by the same
+ * instructions in the same order whatever else is in the call, so a row's result
+ * never depends on the rows beside it (see attention.py). */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float lanes __attribute__((vector_size(64)));
+typedef float half_lanes __attribute__((vector_size(32)));
+
+#define LANES 16
+#define MAX_DIM 256
+
+static inline lanes load(const float *p) {
+    lanes x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline half_lanes load_half(const float *p) {
+    half_lanes x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+/* The sum of a vector's lanes, halves added to halves: the same order on every CPU. */
+static inline float lane_sum(lanes x) {
+    x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return x[0] + x[1];
+}
+
+/* A head of dim = 16 * blocks (+ 8 when half): its vectors, loaded or summed. */
+typedef struct {
+    lanes full[MAX_DIM / LANES];
+    half_lanes half;
+} head;
+
+/* q . key: each lane's products summed in order, then the lanes (the half's added to
+ * the first 8 lanes first). */
+static inline float dot(const head *q, const float *key, int64_t blocks, int half) {
+    lanes part = {0};
+    for (int64_t b = 0; b < blocks; b++) part += q->full[b] * load(key + LANES * b);
+    if (half) {
+        half_lanes tail = q->half * load_half(key + LANES * blocks);
+        part += __builtin_shufflevector(tail, (half_lanes){0}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                        10, 11, 12, 13, 14, 15);
+    }
+    return lane_sum(part);
+}
+
+/* softmax(scale * q . k[0..length)) . v[0..length) into out; dim = 16 * blocks (+ 8). */
+static void attend_one(const float *q, const float *k, const float *v, int64_t position_stride,
+                       int64_t length, int64_t blocks, int half, float scale, float *scores,
+                       float *out) {
+    head query, sums;
+    for (int64_t b = 0; b < blocks; b++) {
+        query.full[b] = load(q + LANES * b);
+        sums.full[b] = (lanes){0};
+    }
+    query.half = half ? load_half(q + LANES * blocks) : (half_lanes){0};
+    sums.half = (half_lanes){0};
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = dot(&query, k + j * position_stride, blocks, half) * scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int64_t j = 0; j < length; j++) {
+        const float *value = v + j * position_stride;
+        for (int64_t b = 0; b < blocks; b++) sums.full[b] += scores[j] * load(value + LANES * b);
+        if (half) sums.half += scores[j] * load_half(value + LANES * blocks);
+    }
+    float inverse = 1.0f / total;
+    for (int64_t b = 0; b < blocks; b++) {
+        lanes scaled = sums.full[b] * inverse;
+        memcpy(out + LANES * b, &scaled, sizeof scaled);
+    }
+    if (half) {
+        half_lanes scaled = sums.half * inverse;
+        memcpy(out + LANES * blocks, &scaled, sizeof scaled);
+    }
+}
+
+/* out[r, h] = attention of query[r, h] over keys/values[rows[r], h / group, 0..lengths[r]).
+ * dim is a multiple of 8, up to 256; strides are in floats; out is (n, heads, dim),
+ * contiguous; scratch holds threads times
+ * the longest length. */
+void attend_rows(const float *query, int64_t query_row, int64_t query_head, const float *keys,
+                 const float *values, int64_t kv_row, int64_t kv_head, int64_t kv_position,
+                 const int64_t *rows, const int64_t *lengths, int64_t n, int64_t heads,
+                 int64_t group, int64_t dim, float scale, float *out, int threads,
+                 float *scratch, int64_t longest) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = scratch + omp_get_thread_num() * longest;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t item = 0; item < n * heads; item++) {
+            int64_t r = item / heads, h = item % heads;
+            int64_t at = rows[r] * kv_row + (h / group) * kv_head;
+            attend_one(query + r * query_row + h * query_head, keys + at, values + at,
+                       kv_position, lengths[r], dim / LANES, dim % LANES != 0, scale, scores,
+                       out + item * dim);
+        }
+    }
+}

@@ -1,0 +1,70 @@
+"""The decode attention kernel (``chatbot.engine.kernels.attention``): SDPA's maths for
+one query position per row, each row over its own keys, whatever shares the call
+(its row independence under every instruction set: ``test_kernels.py``'s probe)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional
+
+from chatbot.engine.kernels import attention
+from chatbot.engine.kernels.attention import applies, attend_rows
+
+pytestmark = pytest.mark.skipif(
+    attention.library() is None, reason="no C compiler: SDPA serves instead"
+)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"),
+    [(32, 32, 40), (16, 16, 64), (9, 3, 64), (4, 2, 128), (2, 2, 8), (8, 8, 24)],
+)
+def test_each_row_gets_sdpa_over_its_own_keys(heads: int, kv_heads: int, dim: int):
+    generator = torch.Generator().manual_seed(dim)
+    keys, values = torch.randn(2, 6, kv_heads, 50, dim, generator=generator).unbind()
+    query = torch.randn(5, heads, 1, dim, generator=generator)
+    rows = torch.tensor([0, 3, 3, 5, 1])  # rows 1 and 2 read one shared row
+    lengths = torch.tensor([1, 50, 17, 33, 2])
+    got = attend_rows(query, keys, values, rows, lengths, 0.3)
+    for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist(), strict=True)):
+        expected = functional.scaled_dot_product_attention(
+            query[i : i + 1],
+            keys[row : row + 1, :, :length],
+            values[row : row + 1, :, :length],
+            scale=0.3,
+            enable_gqa=heads != kv_heads,
+        )
+        torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_large_scores_do_not_overflow():
+    """The softmax subtracts each row's largest score first, as SDPA does."""
+    keys = torch.full((1, 1, 3, 16), 40.0)
+    values = torch.arange(48.0).view(1, 1, 3, 16)
+    query = torch.full((1, 1, 1, 16), 40.0)
+    got = attend_rows(query, keys, values, torch.tensor([0]), torch.tensor([3]), 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0, 0, 0], values[0, 0].mean(0))
+
+
+def test_it_takes_only_what_it_computes():
+    keys = torch.zeros(1, 2, 4, 40)
+    assert applies(torch.zeros(3, 2, 1, 40), keys)
+    assert not applies(torch.zeros(3, 2, 2, 40), keys), "one query position per row"
+    assert not applies(torch.zeros(3, 2, 1, 12), torch.zeros(1, 2, 4, 12)), "dim % 8"
+    assert not applies(torch.zeros(3, 2, 1, 40).half(), keys.half())
+    assert not applies(torch.zeros(3, 2, 1, 512), torch.zeros(1, 2, 4, 512)), "too wide"
+
+
+def test_sdpa_can_be_chosen_instead():
+    """``CHATBOT_ATTENTION=sdpa``: the kernel is never built, every attention is SDPA."""
+    code = "from chatbot.engine.kernels import attention; print(attention.library())"
+    env = {**os.environ, "CHATBOT_ATTENTION": "sdpa", "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "None", done.stderr
