@@ -13,10 +13,12 @@ of long replies does not keep its memory for good.
 
 from __future__ import annotations
 
+import ctypes
 from functools import partial
 
 import torch
 
+from chatbot.engine.kernels import native
 from chatbot.engine.lineage import Lineage
 
 
@@ -144,21 +146,44 @@ class RowSlots:
     def reorder(self, first: int, parents: torch.Tensor) -> None:
         """Rows ``first + i`` take the contents of rows ``first + parents[i]``. Only
         rows whose parent is another row are copied, and only the positions from the
-        first at which some of them differ (``Lineage``) to the last written: whole
-        rows of a 10-beam Blenderbot-400M reply were up to 150 MB a step."""
+        first at which the two differ (``Lineage``) to the last written: whole rows of
+        a 10-beam Blenderbot-400M reply were up to 150 MB a step."""
         moved = [(first + p, first + i) for i, p in enumerate(parents.tolist()) if p != i]
         if not moved:
             return
-        start = min(self.lineage.shared(source, target, self.written) for source, target in moved)
-        sources, targets = zip(*moved, strict=True)
-        self.lineage.copied(sources, targets)
-        if start == self.written:
-            return
-        at = partial(torch.tensor, device=self.device)
-        rows_from, rows_to, positions = at(sources), at(targets), slice(start, self.written)
-        for buffers in (self.keys, self.values):
+        written = self.written
+        starts = [self.lineage.shared(source, target, written) for source, target in moved]
+        self.lineage.copied(*zip(*moved, strict=True))
+        spans = [(*pair, start) for pair, start in zip(moved, starts, strict=True)]
+        spans = [span for span in spans if span[2] < written]
+        if spans:
+            self._copy_spans(spans)
+
+    def _copy_spans(self, spans: list[tuple[int, int, int]]) -> None:
+        """Row ``target`` takes row ``source``'s positions ``start .. written - 1``, for
+        each (source, target, start), all at once, in every buffer: one pass of
+        ``reorder.c`` each where it runs (each pair from its own start), else torch's
+        gather and scatter (from the earliest start)."""
+        buffers = [*self.keys, *self.values]
+        kernel = native.library() if self.device.type == "cpu" else None
+        if kernel is None or self.dtype != torch.float32:
+            at = partial(torch.tensor, device=self.device)
+            sources, targets, starts = zip(*spans, strict=True)
+            rows_from, rows_to = at(sources), at(targets)
+            positions = slice(min(starts), self.written)
             for buffer in buffers:
                 buffer[rows_to, :, positions] = buffer[rows_from, :, positions]
+            return
+        sources, targets, starts = torch.tensor(spans).T.contiguous()
+        copied = int((self.written - starts).sum()) * self.heads * self.head_dim
+        scratch = torch.empty(copied, dtype=torch.float32)
+        pointers = (ctypes.c_void_p * len(buffers))(*[b.data_ptr() for b in buffers])
+        rows, heads = buffers[0].stride(0), buffers[0].stride(1)
+        kernel.copy_spans(
+            pointers, len(buffers), rows, heads, self.head_dim, self.heads,
+            sources.data_ptr(), targets.data_ptr(), starts.data_ptr(), len(spans),
+            self.written, scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
 
     def _empty(self, rows: int, positions: int) -> torch.Tensor:
         # Zeros, not empty: a masked position still enters attention's value product.

@@ -1,9 +1,10 @@
 """The engine's own C kernels (``*.c`` beside this file), compiled when first used.
 
-Two jobs in a decode step of many rows are many small torch operations, each a pass
-over memory and a call's cost: attention once per reply (``attention``), and the int8
+Three jobs in a decode step of many rows were many small torch operations, each a pass
+over memory and a call's cost: attention once per reply (``attention``), the int8
 activations' quantization and scaling, about eight operations around each product
-(``int8``). Plain C with OpenMP does each in one call and one pass. The C compiler
+(``int8``), and a beam step's copies of key/value rows, a gather and a scatter per
+buffer (``slots``). Plain C with OpenMP does each in one call and one pass. The C compiler
 that AOTInductor already needs builds them in about 0.3 s, into a temporary folder,
 for the instruction set ``cpu.cpu_isa`` names (so ``ONEDNN_MAX_CPU_ISA=AVX2`` runs
 AVX2 code here too). Without a compiler, or where it fails, ``library`` is None and
@@ -26,7 +27,7 @@ from chatbot.engine.kernels.cpu import at_least
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = {"attention.c": [], "quantize.c": ["-ffp-contract=off"]}
+SOURCES = {"attention.c": [], "quantize.c": ["-ffp-contract=off"], "reorder.c": []}
 """Each source and its own flags: ``quantize.c`` must round every operation as torch
 does (no fused multiply-adds)."""
 
@@ -36,6 +37,8 @@ SIGNATURES = {
                     _POINTER, _I64, _I64, _I64, _I64, _FLOAT, _POINTER, _INT, _POINTER, _I64],
     "quantize_rows": [_POINTER, _I64, _I64, _I64, _FLOAT, _INT, _POINTER, _POINTER, _INT],
     "scale_rows": [_POINTER, _I64, _I64, _POINTER, _POINTER, _INT],
+    "copy_spans": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _I64,
+                   _I64, _POINTER, _INT],
 }  # fmt: skip
 
 
