@@ -201,7 +201,8 @@ def _run_index(runs: Sequence[_Run], device: torch.device) -> tuple[torch.Tensor
 
 
 PER_REPLY = "chatbot_per_reply"
-"""The attention implementation a decoder-only model runs under the decode loop."""
+"""The attention implementation of every model the engine loads (``ChatEngine``), so
+that ``generate`` and the decode loop attend alike."""
 
 
 def attend_per_reply(
@@ -249,7 +250,7 @@ class _RowsCache(Cache):
 class DecoderOnlyStep(ModelStep):
     def __init__(self, model: PreTrainedModel, positions: int) -> None:
         super().__init__(model)
-        model.set_attn_implementation(PER_REPLY)  # SDPA's, until a step passes runs
+        model.set_attn_implementation(PER_REPLY)  # decode() passes runs through it
         config = model.config.get_text_config()
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
