@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from chatbot.engine.model_step import (
     OneRowCompilable,
+    Runs,
     _Run,
     _runs,
     attend_by_run,
@@ -40,11 +41,11 @@ class DecoderRows(NamedTuple):
 
     at: tuple[torch.Tensor, torch.Tensor]
     """Where their keys and values go (``RowSlots.at``)."""
-    own: list[_Run]
+    own: Runs
     """Each reply's rows and length so far (self-attention)."""
     width: int
     """The longest reply's length."""
-    prompt: list[_Run]
+    prompt: Runs
     """Each reply's rows and prompt length (cross-attention)."""
     prompt_width: int
     """The longest prompt's length."""
@@ -123,10 +124,10 @@ class EncoderDecoderStep(OneRowCompilable):
             inputs = self._one_row_inputs(hidden, positions, width, prompt_width, self.slots, cross)
             hidden = one_row(*inputs)
         else:
-            prompt_runs = [
+            prompt_runs = Runs(
                 _Run(run.rows, run.length, shared_row=cross_rows[run.rows.start])
                 for run in _runs(prompt_lengths, replies)
-            ]
+            )
             rows = DecoderRows(self.slots.at(positions), own_runs, width, prompt_runs, prompt_width)
             hidden = self.layers(hidden, rows, self.slots, self.cross)
         logits = self.model.lm_head(hidden) + self.model.final_logits_bias
@@ -156,7 +157,7 @@ class EncoderDecoderStep(OneRowCompilable):
             hidden = hidden + layer.fc2(states)
         return decoder.layer_norm(hidden)
 
-    def _attend(self, attention, states, keys, values, runs: list[_Run]) -> torch.Tensor:
+    def _attend(self, attention, states, keys, values, runs: Runs) -> torch.Tensor:
         """Each reply's rows attend in a call of their own (``attend_by_run``)."""
         query = self._heads(attention.q_proj(states))
         scaled = partial(functional.scaled_dot_product_attention, scale=attention.scaling)
@@ -232,6 +233,6 @@ class OneRowDecoderLayers(nn.Module):
     ) -> torch.Tensor:
         width, prompt_width = width_of.shape[0], prompt_width_of.shape[0]
         slots, cross = RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
-        own, prompt = [_Run(slice(0, 1), width)], [_Run(slice(0, 1), prompt_width)]
+        own, prompt = Runs([_Run(slice(0, 1), width)]), Runs([_Run(slice(0, 1), prompt_width)])
         rows = DecoderRows(slots.at(position), own, width, prompt, prompt_width)
         return self.layers(hidden, rows, slots, cross)

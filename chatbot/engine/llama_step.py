@@ -40,6 +40,7 @@ from chatbot.engine.kernels.rows import PackedLinear
 from chatbot.engine.model_step import (
     DecoderOnlyStep,
     OneRowCompilable,
+    Runs,
     _Run,
     attend_by_run,
     length_carrier,
@@ -163,7 +164,7 @@ class StepRows(NamedTuple):
     at: tuple[torch.Tensor, torch.Tensor]
     """Where their keys and values go (``RowSlots.at``)."""
     rotation: Rotation
-    runs: list[_Run]
+    runs: Runs
     """Each reply's rows and length (``attend_by_run``)."""
     width: int
     """The longest reply's length."""
@@ -230,7 +231,7 @@ class OneRowLayers(nn.Module):
     ) -> torch.Tensor:
         width, slots = width_of.shape[0], RowSlots.over(keys, values)
         at = slots.at(position)
-        step = StepRows(at, Rotation(cos, signed_sin), [_Run(slice(0, 1), width)], width)
+        step = StepRows(at, Rotation(cos, signed_sin), Runs([_Run(slice(0, 1), width)]), width)
         return self.layers(hidden, step, slots)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
@@ -77,7 +78,7 @@ class ModelStep(ABC):
     def reorder(self, first: int, parents: torch.Tensor) -> None:
         self.slots.reorder(first, parents)
 
-    def _make_room(self, positions: torch.Tensor, replies: Sequence[int]) -> tuple[int, list[_Run]]:
+    def _make_room(self, positions: torch.Tensor, replies: Sequence[int]) -> tuple[int, Runs]:
         """Room in the key/value buffers for every row's new position: the widest
         row's length, and each reply's run (``attend_by_run``)."""
         lengths = (positions + 1).tolist()
@@ -145,17 +146,44 @@ class _Run:
         return one.expand(self.rows.stop - self.rows.start, -1, -1, -1)
 
 
-def _runs(lengths: list[int], replies: Sequence[int]) -> list[_Run]:
+class Runs(tuple[_Run, ...]):
+    """A step's runs, in row order, which every layer's attention reads alike."""
+
+    @cached_property
+    def key_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's key row and length (``kernels.attention.attend_rows``, on the CPU):
+        built once a step, for every layer."""
+        if len(self) == 1:  # a compiled step's one row, whose length is symbolic
+            run = self[0]
+            count = run.rows.stop - run.rows.start
+            if run.shared_row is None:
+                rows = torch.arange(run.rows.start, run.rows.stop)
+            else:
+                rows = torch.full((count,), run.shared_row)
+            return rows, torch.full((count,), run.length)
+        rows_read: list[int] = []
+        lengths: list[int] = []
+        for run in self:
+            count = run.rows.stop - run.rows.start
+            if run.shared_row is None:
+                rows_read.extend(range(run.rows.start, run.rows.stop))
+            else:
+                rows_read.extend([run.shared_row] * count)
+            lengths.extend([run.length] * count)
+        return torch.tensor(rows_read), torch.tensor(lengths)
+
+
+def _runs(lengths: list[int], replies: Sequence[int]) -> Runs:
     """Each reply's block of rows, with its length (``lengths`` has one per row)."""
     runs, first = [], 0
     for count in replies:
         runs.append(_Run(slice(first, first + count), lengths[first]))
         first += count
-    return runs
+    return Runs(runs)
 
 
 def attend_by_run(
-    runs: Sequence[_Run],
+    runs: Runs,
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -170,34 +198,12 @@ def attend_by_run(
     flip an int8 activation's rounding), so a reply would depend on the replies beside
     it. The calls per reply are those ``generate`` makes for each reply alone."""
     if attention.applies(query, keys):
-        rows, lengths = _run_index(runs, query.device)
+        rows, lengths = runs.key_rows
         return attention.attend_rows(query, keys, values, rows, lengths, scale)
     alone = runs[0] if len(runs) == 1 else None
     if alone and alone.length == keys.shape[2] and alone.shared_row is None:  # all of them
         return attend(query, keys, values)
     return torch.cat([attend(query[run.rows], run.own(keys), run.own(values)) for run in runs])
-
-
-def _run_index(runs: Sequence[_Run], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's key row and length (``kernels.attention.attend_rows``)."""
-    if len(runs) == 1:  # a compiled step's one row, whose length is symbolic
-        run = runs[0]
-        count = run.rows.stop - run.rows.start
-        if run.shared_row is None:
-            rows = torch.arange(run.rows.start, run.rows.stop, device=device)
-        else:
-            rows = torch.full((count,), run.shared_row, device=device)
-        return rows, torch.full((count,), run.length, device=device)
-    key_rows: list[int] = []
-    lengths: list[int] = []
-    for run in runs:
-        count = run.rows.stop - run.rows.start
-        if run.shared_row is None:
-            key_rows.extend(range(run.rows.start, run.rows.stop))
-        else:
-            key_rows.extend([run.shared_row] * count)
-        lengths.extend([run.length] * count)
-    return torch.tensor(key_rows, device=device), torch.tensor(lengths, device=device)
 
 
 PER_REPLY = "chatbot_per_reply"
@@ -211,7 +217,7 @@ def attend_per_reply(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    runs: Sequence[_Run] | None = None,
+    runs: Runs | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention of one new position per row, each reply's rows over the reply's own
@@ -221,7 +227,7 @@ def attend_per_reply(
     if runs is None:
         if attention_mask is not None or query.shape[2] != 1:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        runs = [_Run(slice(0, query.shape[0]), key.shape[2])]
+        runs = Runs([_Run(slice(0, query.shape[0]), key.shape[2])])
 
     def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0].transpose(1, 2)

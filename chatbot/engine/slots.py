@@ -154,8 +154,8 @@ class RowSlots:
         written = self.written
         starts = [self.lineage.shared(source, target, written) for source, target in moved]
         self.lineage.copied(*zip(*moved, strict=True))
-        spans = [(*pair, start) for pair, start in zip(moved, starts, strict=True)]
-        spans = [span for span in spans if span[2] < written]
+        pairs = zip(moved, starts, strict=True)
+        spans = [(source, target, start) for (source, target), start in pairs if start < written]
         if spans:
             self._copy_spans(spans)
 
