@@ -16,7 +16,7 @@ on a 2-core EPYC), so its layers can be compiled into one C++ function
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional
 from transformers import PreTrainedModel
 
+from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL, padded_by, row_bucket
 from chatbot.engine.model_step import (
     OneRowCompilable,
     Runs,
@@ -118,11 +119,17 @@ class EncoderDecoderStep(OneRowCompilable):
         width, own_runs = self._make_room(positions, replies)
         cross_rows, prompt_lengths = self.prompts[:n].T.tolist()
         prompt_width = max(prompt_lengths)
-        one_row = self.one_row
-        if one_row is not None and n == 1 and min(width, prompt_width) >= 2:
+        one_row, batch = self.one_row, self.batch
+        compiled = min(width, prompt_width) >= 2  # the packages' widths are 2 or more
+        if one_row is not None and n == 1 and compiled:
             cross = self.cross.row_views(cross_rows[0])
             inputs = self._one_row_inputs(hidden, positions, width, prompt_width, self.slots, cross)
             hidden = one_row(*inputs)
+        elif batch is not None and self.batch_runs(n) and compiled:
+            inputs = self._batch_inputs(
+                hidden, positions, self.prompts[:n], width, prompt_width, self.slots, self.cross
+            )
+            hidden = batch(*inputs)
         else:
             prompt_runs = Runs(
                 _Run(run.rows, run.length, shared_row=cross_rows[run.rows.start])
@@ -153,9 +160,22 @@ class EncoderDecoderStep(OneRowCompilable):
             states = layer.encoder_attn_layer_norm(hidden)
             keys, values = cross.view(index, cross.capacity, rows.prompt_width)
             hidden = hidden + self._attend(layer.encoder_attn, states, keys, values, rows.prompt)
-            states = layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden)))
+            states = self._by_rows(layer.activation_fn, layer.fc1(layer.final_layer_norm(hidden)))
             hidden = hidden + layer.fc2(states)
         return decoder.layer_norm(hidden)
+
+    @staticmethod
+    def _by_rows(
+        activation: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor
+    ) -> torch.Tensor:
+        """A layer's ``activation`` of (n, 1, ffn) ``states``, on them as (n, ffn) rows.
+
+        ATen's ``gelu`` runs oneDNN's, whose primitives are cached by shape: a compiled
+        step handed it its (n, 1, ffn) input with a stride of 0 for the 1, oneDNN
+        computed that layout otherwise (up to 4.8e-7 apart), and whichever of the two
+        layouts came first set the values of both, eager steps' included. Rows have one
+        layout, and give ``generate``'s values (dense, as its (n, 1, ffn) are)."""
+        return activation(states.view(states.shape[0], -1)).view(states.shape)
 
     def _attend(self, attention, states, keys, values, runs: Runs) -> torch.Tensor:
         """Each reply's rows attend in a call of their own (``attend_by_run``)."""
@@ -178,16 +198,75 @@ class EncoderDecoderStep(OneRowCompilable):
         prompt_width_of = length_carrier(prompt_width, hidden.device)
         return hidden, position, width_of, prompt_width_of, *slots.row_views(), *cross
 
+    @staticmethod
+    def _batch_inputs(
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        prompts: torch.Tensor,
+        width: int,
+        prompt_width: int,
+        slots: RowSlots,
+        cross: RowSlots,
+    ) -> tuple:
+        """``prompts``: each row's cross-attention row and prompt length (n, 2)."""
+        n, device = hidden.shape[0], hidden.device
+        cross_rows, prompt_lengths = prompts.T.contiguous()
+        return (
+            hidden, positions, positions + 1, cross_rows, prompt_lengths,
+            length_carrier(row_bucket(n) - n, device), length_carrier(width, device),
+            length_carrier(prompt_width, device), *slots.buffers(), *cross.buffers(),
+        )  # fmt: skip
+
     def one_row_layers(self) -> nn.Module:
         return OneRowDecoderLayers(self)
+
+    def batch_layers(self) -> nn.Module:
+        return BatchDecoderLayers(self)
+
+    def batch_example_inputs(self, rows: int, width: int, capacity: int) -> tuple:
+        """Row 0 is the longest, reply and prompt; prompt rows are fewer than rows (as
+        a reply's beams share one), each read by any rows."""
+        generator = torch.Generator().manual_seed(0)
+        prompt_capacity, prompt_rows = min(2 * capacity, self.cross.max_positions), rows // 2 + 1
+        slots = self.slots.random_rows(capacity, generator, rows + 1)
+        cross = self.cross.random_rows(prompt_capacity, generator, prompt_rows)
+        hidden = torch.randn(rows, 1, self.heads * self.head_dim, generator=generator)
+        positions = torch.randint(0, width, (rows,), generator=generator)
+        prompts = torch.stack(
+            [
+                torch.randint(0, prompt_rows, (rows,), generator=generator),
+                torch.randint(1, capacity, (rows,), generator=generator),
+            ],
+            dim=1,
+        )
+        positions[0], prompts[0, 1] = width - 1, capacity - 1
+        device = self.device
+        return self._batch_inputs(
+            hidden.to(device), positions.to(device), prompts, width, capacity - 1, slots, cross
+        )
+
+    def batch_dynamic_shapes(self) -> tuple:
+        Dim = torch.export.Dim
+        most, layers = self.slots.max_positions, len(self.slots.keys)
+        per_row = {0: Dim("rows", min=2, max=MAX_ROWS_PER_CALL)}
+        padding = {0: Dim("padding", min=0, max=MAX_ROWS_PER_CALL)}
+        width, prompt_width = Dim("width", min=2, max=most), Dim("prompt", min=2, max=most)
+        own = [{0: Dim("row_capacity", min=2), 2: Dim("capacity", min=2, max=most)}] * layers
+        cross = [
+            {0: Dim("prompt_rows", min=1), 2: Dim("prompt_capacity", min=2, max=most)}
+        ] * layers
+        return (
+            per_row, per_row, per_row, per_row, per_row, padding, {0: width},
+            {0: prompt_width}, own, own, cross, cross,
+        )  # fmt: skip
 
     def example_inputs(self, width: int, capacity: int) -> tuple:
         """The prompt is ``capacity - 1`` long, in cross-attention buffers twice as
         long as the reply's (capped by the model's positions): the export must not
         take the two for one dimension."""
         generator = torch.Generator().manual_seed(0)
-        slots = self.slots.random_row(capacity, generator)
-        cross = self.cross.random_row(min(2 * capacity, self.cross.max_positions), generator)
+        slots = self.slots.random_rows(capacity, generator)
+        cross = self.cross.random_rows(min(2 * capacity, self.cross.max_positions), generator)
         hidden = torch.randn(1, 1, self.heads * self.head_dim, generator=generator)
         position = torch.tensor([width - 1], device=self.device)
         return self._one_row_inputs(
@@ -206,19 +285,23 @@ class EncoderDecoderStep(OneRowCompilable):
         return self.decoder.layers
 
 
-class OneRowDecoderLayers(nn.Module):
-    """``EncoderDecoderStep.layers`` for row 0 alone, with the step's state as inputs:
-    what ``compiled_step`` exports.
-
-    Inputs: the row's (1, 1, d_model) embedded token, its (1,) position, a tensor as
-    long as the reply so far and one as long as its prompt (their lengths are the
-    attentions' widths, dynamic), and each layer's (1, heads, capacity, head_dim) key
-    and value buffers, the reply's (written in place) and the prompt's."""
+class CompiledLayers(nn.Module):
+    """``EncoderDecoderStep.layers`` with the step's state as inputs: what
+    ``compiled_step`` exports."""
 
     def __init__(self, step: EncoderDecoderStep) -> None:
         super().__init__()
         self.model = step.model  # a submodule: its weights are the program's parameters
         self.layers = step.layers
+
+
+class OneRowDecoderLayers(CompiledLayers):
+    """The layers for row 0 alone.
+
+    Inputs: the row's (1, 1, d_model) embedded token, its (1,) position, a tensor as
+    long as the reply so far and one as long as its prompt (their lengths are the
+    attentions' widths, dynamic), and each layer's (1, heads, capacity, head_dim) key
+    and value buffers, the reply's (written in place) and the prompt's."""
 
     def forward(
         self,
@@ -236,3 +319,36 @@ class OneRowDecoderLayers(nn.Module):
         own, prompt = Runs([_Run(slice(0, 1), width)]), Runs([_Run(slice(0, 1), prompt_width)])
         rows = DecoderRows(slots.at(position), own, width, prompt, prompt_width)
         return self.layers(hidden, rows, slots, cross)
+
+
+class BatchDecoderLayers(CompiledLayers):
+    """The layers for rows 0..n-1 (``OneRowCompilable.batch_layers``).
+
+    Inputs: the rows' (n, 1, d_model) embedded tokens, their (n,) positions and
+    lengths, each row's (n,) prompt row and prompt length, tensors as long as the
+    products' padding (``padded_by``), the longest reply and the longest prompt, and
+    each layer's whole key and value buffers, the replies' (written in place) and the
+    prompts'."""
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        prompt_rows: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        padding_of: torch.Tensor,
+        width_of: torch.Tensor,
+        prompt_width_of: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        cross_keys: list[torch.Tensor],
+        cross_values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        slots, cross = RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
+        own = Runs.of_rows(torch.arange(hidden.shape[0], device=hidden.device), lengths)
+        prompt = Runs.of_rows(prompt_rows, prompt_lengths)
+        width, prompt_width = width_of.shape[0], prompt_width_of.shape[0]
+        rows = DecoderRows(slots.at(positions), own, width, prompt, prompt_width)
+        with padded_by(padding_of.shape[0]):
+            return self.layers(hidden, rows, slots, cross)

@@ -36,7 +36,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from chatbot.engine.kernels.fused import ProjectionPart
-from chatbot.engine.kernels.rows import PackedLinear
+from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL, PackedLinear, padded_by, row_bucket
 from chatbot.engine.model_step import (
     DecoderOnlyStep,
     OneRowCompilable,
@@ -206,18 +206,21 @@ class LlamaLayers:
         return out.reshape(n, -1)
 
 
-class OneRowLayers(nn.Module):
-    """``LlamaLayers`` for row 0 alone, with the step's state as inputs: what
-    ``compiled_step`` exports.
-
-    Inputs: the row's (1, hidden) embedding, its rotation, its (1,) position, a tensor
-    as long as the reply so far (its length is the attention's width, dynamic), and each
-    layer's (1, heads, capacity, head_dim) key and value buffers (written in place)."""
+class CompiledLayers(nn.Module):
+    """``LlamaLayers`` with the step's state as inputs: what ``compiled_step`` exports."""
 
     def __init__(self, model: PreTrainedModel, layers: LlamaLayers) -> None:
         super().__init__()
         self.model = model  # a submodule: its weights are the program's parameters
         self.layers = layers
+
+
+class OneRowLayers(CompiledLayers):
+    """The layers for row 0 alone.
+
+    Inputs: the row's (1, hidden) embedding, its rotation, its (1,) position, a tensor
+    as long as the reply so far (its length is the attention's width, dynamic), and each
+    layer's (1, heads, capacity, head_dim) key and value buffers (written in place)."""
 
     def forward(
         self,
@@ -233,6 +236,32 @@ class OneRowLayers(nn.Module):
         at = slots.at(position)
         step = StepRows(at, Rotation(cos, signed_sin), Runs([_Run(slice(0, 1), width)]), width)
         return self.layers(hidden, step, slots)
+
+
+class BatchLayers(CompiledLayers):
+    """The layers for rows 0..n-1 (``OneRowCompilable.batch_layers``).
+
+    Inputs: the rows' (n, hidden) embeddings, their rotations, (n,) positions and
+    lengths, tensors as long as the products' padding (``padded_by``) and the longest
+    reply, and each layer's whole key and value buffers (written in place)."""
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        padding_of: torch.Tensor,
+        width_of: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        slots = RowSlots.over(keys, values)
+        runs = Runs.of_rows(torch.arange(hidden.shape[0], device=hidden.device), lengths)
+        step = StepRows(slots.at(positions), Rotation(cos, signed_sin), runs, width_of.shape[0])
+        with padded_by(padding_of.shape[0]):
+            return self.layers(hidden, step, slots)
 
 
 class LlamaStep(DecoderOnlyStep, OneRowCompilable):
@@ -265,9 +294,11 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
     ) -> torch.Tensor:
         width, runs = self._make_room(positions, replies)
         hidden, rotation = self.embed(tokens), self.rotation.at(positions)
-        one_row = self.one_row
-        if one_row is not None and tokens.shape[0] == 1:
+        one_row, batch, n = self.one_row, self.batch, tokens.shape[0]
+        if one_row is not None and n == 1:
             hidden = one_row(*self._one_row_inputs(hidden, rotation, positions, width, self.slots))
+        elif batch is not None and self.batch_runs(n) and width >= 2:
+            hidden = batch(*self._batch_inputs(hidden, rotation, positions, width, self.slots))
         else:
             step = StepRows(self.slots.at(positions), rotation, runs, width)
             hidden = self.layers(hidden, step, self.slots)
@@ -284,12 +315,51 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
         width_of = length_carrier(width, hidden.device)
         return hidden, rotation.cos, rotation.signed_sin, position, width_of, *slots.row_views()
 
+    @staticmethod
+    def _batch_inputs(
+        hidden: torch.Tensor,
+        rotation: Rotation,
+        positions: torch.Tensor,
+        width: int,
+        slots: RowSlots,
+    ) -> tuple:
+        n, device = hidden.shape[0], hidden.device
+        return (
+            hidden, rotation.cos, rotation.signed_sin, positions, positions + 1,
+            length_carrier(row_bucket(n) - n, device), length_carrier(width, device),
+            *slots.buffers(),
+        )  # fmt: skip
+
     def one_row_layers(self) -> nn.Module:
         return OneRowLayers(self.model, self.layers)
 
+    def batch_layers(self) -> nn.Module:
+        return BatchLayers(self.model, self.layers)
+
+    def batch_example_inputs(self, rows: int, width: int, capacity: int) -> tuple:
+        """Row 0 is the longest."""
+        generator = torch.Generator().manual_seed(0)
+        slots = self.slots.random_rows(capacity, generator, rows + 1)
+        hidden_size = self.embed.weight.shape[1]
+        hidden = torch.randn(rows, hidden_size, generator=generator).to(self.device)
+        positions = torch.randint(0, width, (rows,), generator=generator)
+        positions[0] = width - 1
+        positions = positions.to(self.device)
+        return self._batch_inputs(hidden, self.rotation.at(positions), positions, width, slots)
+
+    def batch_dynamic_shapes(self) -> tuple:
+        Dim = torch.export.Dim
+        most = self.slots.max_positions
+        per_row = {0: Dim("rows", min=2, max=MAX_ROWS_PER_CALL)}
+        padding = {0: Dim("padding", min=0, max=MAX_ROWS_PER_CALL)}
+        width = {0: Dim("width", min=2, max=most)}
+        capacity = {0: Dim("row_capacity", min=2), 2: Dim("capacity", min=2, max=most)}
+        buffers = [capacity] * len(self.slots.keys)
+        return per_row, per_row, per_row, per_row, per_row, padding, width, buffers, buffers
+
     def example_inputs(self, width: int, capacity: int) -> tuple:
         generator = torch.Generator().manual_seed(0)
-        slots = self.slots.random_row(capacity, generator)
+        slots = self.slots.random_rows(capacity, generator)
         hidden_size = self.embed.weight.shape[1]
         hidden = torch.randn(1, hidden_size, generator=generator).to(self.device)
         position = torch.tensor([width - 1], device=self.device)

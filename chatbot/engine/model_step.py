@@ -34,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatbot.engine.kernels import attention
+from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.engine.slots import RowSlots
 
 
@@ -89,16 +90,19 @@ class ModelStep(ABC):
 
 
 class OneRowCompilable(ModelStep):
-    """A step whose layers for a single row can be exported and compiled ahead of time
-    (``compiled_step``): one conversation's step is mostly small operations, which a
-    compiled package runs in one C++ function. Each step says what is exported and how
-    its state goes in; rows of a batch always take the eager layers."""
+    """A step whose layers can be exported and compiled ahead of time
+    (``compiled_step``), for a single row and for a batch of rows: one conversation's
+    step is mostly small operations, and a batch's spends a fifth of its time between
+    them, which a compiled package runs in one C++ function. Each step says what is
+    exported and how its state goes in."""
 
     compiled_name = ""
     """The family's name, first in its packages' file names."""
     one_row: Callable[..., torch.Tensor] | None = None
     """Set once a compiled package gave the eager layers' values bit for bit
     (``compiled_step.attach``): steps of one row then run it."""
+    batch: Callable[..., torch.Tensor] | None = None
+    """The same for ``batch_layers``: steps of 2 to ``MAX_ROWS_PER_CALL`` rows run it."""
 
     @abstractmethod
     def one_row_layers(self) -> torch.nn.Module:
@@ -116,8 +120,30 @@ class OneRowCompilable(ModelStep):
         """``torch.export``'s dynamic dimensions of the inputs: lengths and capacities."""
 
     @abstractmethod
+    def batch_layers(self) -> torch.nn.Module:
+        """What is exported for a batch: the layers for rows 0..n-1, each row's length
+        (and prompt) as tensors, the step's whole key/value buffers as inputs. It
+        attends with ``kernels.attention`` alone (``Runs.of_rows``), and pads every
+        product's rows to their bucket by an input's length (``padded_by``)."""
+
+    @abstractmethod
+    def batch_example_inputs(self, rows: int, width: int, capacity: int) -> tuple:
+        """Inputs of ``batch_layers`` for ``rows`` rows, the longest ``width`` positions
+        long, in fresh random buffers of ``capacity`` positions (and ``rows + 1``
+        rows): the same values for the same arguments."""
+
+    @abstractmethod
+    def batch_dynamic_shapes(self) -> tuple:
+        """``torch.export``'s dynamic dimensions of ``batch_layers``' inputs."""
+
+    @abstractmethod
     def decoder_layers(self) -> torch.nn.Module:
         """The modules whose products the package computes."""
+
+    def batch_runs(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows runs the compiled batch (one call of each
+        product: ``MAX_ROWS_PER_CALL`` rows at most)."""
+        return self.batch is not None and 2 <= rows <= MAX_ROWS_PER_CALL
 
 
 def length_carrier(length: int, device: torch.device) -> torch.Tensor:
@@ -148,6 +174,14 @@ class _Run:
 
 class Runs(tuple[_Run, ...]):
     """A step's runs, in row order, which every layer's attention reads alike."""
+
+    @classmethod
+    def of_rows(cls, rows: torch.Tensor, lengths: torch.Tensor) -> Runs:
+        """Runs known by each row's key row and length alone (``key_rows``): a compiled
+        batch's inputs, read by the attention kernel only."""
+        runs = cls()
+        runs.__dict__["key_rows"] = (rows, lengths)
+        return runs
 
     @cached_property
     def key_rows(self) -> tuple[torch.Tensor, torch.Tensor]:

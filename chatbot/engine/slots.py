@@ -52,16 +52,20 @@ class RowSlots:
         slots.keys, slots.values = list(keys), list(values)
         return slots
 
-    def random_row(self, capacity: int, generator: torch.Generator) -> RowSlots:
-        """New slots shaped like these, one row of ``capacity`` positions of random
-        values (a compiled step's example inputs)."""
+    def random_rows(self, capacity: int, generator: torch.Generator, rows: int = 1) -> RowSlots:
+        """New slots shaped like these, ``rows`` rows of ``capacity`` positions of
+        random values (a compiled step's example inputs)."""
         scratch = RowSlots(
             len(self.keys), self.heads, capacity, self.head_dim, self.dtype, self.device
         )
-        scratch.reserve(1, capacity)
+        scratch.reserve(rows, capacity)
         for buffer in (*scratch.keys, *scratch.values):
             buffer.copy_(torch.randn(buffer.shape, generator=generator))
         return scratch
+
+    def buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's keys and values: what a compiled batch reads and writes."""
+        return list(self.keys), list(self.values)
 
     def row_views(self, row: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One row of every layer's keys and of its values, as (1, heads, width, dim)

@@ -56,6 +56,23 @@ _batch_rows: ContextVar[Mapping[torch.Size, _Rows]] = ContextVar(
     "batch_rows", default=MappingProxyType({})
 )
 
+# Rows of padding that bring a product's rows up to their bucket, where the row count is
+# symbolic (``padded_by``).
+_padding: ContextVar[int | torch.SymInt | None] = ContextVar("padding", default=None)
+
+
+@contextmanager
+def padded_by(padding: int | torch.SymInt) -> Iterator[None]:
+    """Pad every product's rows by ``padding`` zero rows: ``row_bucket``'s padding for
+    a row count that ``torch.export`` traces as a symbol (a compiled step of any number
+    of rows, ``compiled_step``), which Python cannot round; the caller, who knows the
+    count, passes it. The kernel then sees the bucket it sees in the eager step."""
+    token = _padding.set(padding)
+    try:
+        yield
+    finally:
+        _padding.reset(token)
+
 
 @contextmanager
 def skip_redundant_rows(attention_mask: torch.Tensor, copies: int = 1) -> Iterator[None]:
@@ -133,7 +150,8 @@ class PackedLinear(nn.Module, ABC):
         each output row computed from its own input row alone."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _batch_rows.get().get(x.shape[:-1])
+        batch_rows = _batch_rows.get()  # empty in a decode step, whose shape may be symbolic
+        rows = batch_rows.get(x.shape[:-1]) if batch_rows else None
         if rows is None:
             return self._product(x)
         x = x[:: rows.copies]
@@ -169,6 +187,10 @@ class PackedLinear(nn.Module, ABC):
 
     def _bucketed(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.shape[0]
+        padding = _padding.get()
+        if padding is not None:  # a symbolic count (``padded_by``): always a padded copy
+            rows = torch.cat([rows, rows.new_zeros(padding, rows.shape[1])])
+            return self._multiply(rows)[:count]
         padded = row_bucket(count, self.smallest_call)
         if padded > count:
             rows = torch.cat([rows, rows.new_zeros(padded - count, rows.shape[1])])
