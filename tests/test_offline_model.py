@@ -126,9 +126,9 @@ def test_stop_keeps_what_was_written_and_the_service_stops_writing(make_run, bro
 @pytest.mark.last  # the lane's other tests run while it compiles
 def test_one_conversation_runs_compiled_after_a_first_start_and_answers_alike(make_run):
     """The first start compiles the one-row step in the background while the eager
-    step serves (``compiled_step``); once it is in, a conversation alone (compiled)
-    gets the reply two at once get (the eager step's batch), to the token."""
-    wait_for(lambda: decode_step(make_run.url) != "compiling", "the compile", timeout_s=300)
+    step serves (``compiled_step``); once it is in, a conversation alone (the one-row
+    package) gets the reply two at once get (a batch's package), to the token."""
+    wait_for(lambda: decode_step(make_run.url) != "compiling", "the compile", timeout_s=480)
     assert decode_step(make_run.url) == "compiled"
     assert "one-row step compiled" in make_run.log.read_text()
     question = [{"role": "user", "content": "Tell me about the sea."}]

@@ -344,15 +344,15 @@ def attach(
         if not head_verified(head, head_runner):
             return f"{head_package(package)} does not give the eager head's values: not used"
         head.one_row = head_runner
-    step.one_row = compiled
-    said = f"one-row step compiled ({package.name}, ready in {time.perf_counter() - started:.1f} s)"
-    if not batches(step):
-        return said
-    batch = torch._inductor.aoti_load_package(str(batch_package(package)))
-    if not batch_verified(step, batch):
-        return f"{said}; {batch_package(package)} does not give the eager step's values: not used"
-    step.batch = batch
-    return f"{said}; batches compiled"
+    load = torch._inductor.aoti_load_package
+    batch = load(str(batch_package(package))) if batches(step) else None
+    if batch is not None and batch_verified(step, batch):
+        step.batch, batched = batch, "; batches compiled"
+    else:
+        batched = "" if batch is None else f"; {batch_package(package)} differs: not used"
+    step.one_row = compiled  # last: ``Compilation`` says "compiled" once all is in
+    ready = time.perf_counter() - started
+    return f"one-row step compiled ({package.name}, ready in {ready:.1f} s){batched}"
 
 
 class Compilation:
