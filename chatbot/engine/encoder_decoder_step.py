@@ -125,7 +125,7 @@ class EncoderDecoderStep(OneRowCompilable):
             cross = self.cross.row_views(cross_rows[0])
             inputs = self._one_row_inputs(hidden, positions, width, prompt_width, self.slots, cross)
             hidden = one_row(*inputs)
-        elif batch is not None and self.batch_runs(n) and compiled:
+        elif batch is not None and self.batch_takes(n) and compiled:
             inputs = self._batch_inputs(
                 hidden, positions, self.prompts[:n], width, prompt_width, self.slots, self.cross
             )

@@ -297,7 +297,7 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
         one_row, batch, n = self.one_row, self.batch, tokens.shape[0]
         if one_row is not None and n == 1:
             hidden = one_row(*self._one_row_inputs(hidden, rotation, positions, width, self.slots))
-        elif batch is not None and self.batch_runs(n) and width >= 2:
+        elif batch is not None and self.batch_takes(n) and width >= 2:
             hidden = batch(*self._batch_inputs(hidden, rotation, positions, width, self.slots))
         else:
             step = StepRows(self.slots.at(positions), rotation, runs, width)

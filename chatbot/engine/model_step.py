@@ -140,10 +140,11 @@ class OneRowCompilable(ModelStep):
     def decoder_layers(self) -> torch.nn.Module:
         """The modules whose products the package computes."""
 
-    def batch_runs(self, rows: int) -> bool:
-        """Whether a step of ``rows`` rows runs the compiled batch (one call of each
+    @staticmethod
+    def batch_takes(rows: int) -> bool:
+        """Whether a compiled batch takes a step of ``rows`` rows (one call of each
         product: ``MAX_ROWS_PER_CALL`` rows at most)."""
-        return self.batch is not None and 2 <= rows <= MAX_ROWS_PER_CALL
+        return 2 <= rows <= MAX_ROWS_PER_CALL
 
 
 def length_carrier(length: int, device: torch.device) -> torch.Tensor:
