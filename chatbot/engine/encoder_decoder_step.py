@@ -25,14 +25,16 @@ from torch import nn
 from torch.nn import functional
 from transformers import PreTrainedModel
 
-from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL, padded_by, row_bucket
+from chatbot.engine.kernels.rows import padded_by
 from chatbot.engine.model_step import (
     OneRowCompilable,
     Runs,
     _Run,
     _runs,
     attend_by_run,
+    batch_dims,
     length_carrier,
+    padding_carrier,
 )
 from chatbot.engine.slots import RowSlots
 
@@ -213,7 +215,7 @@ class EncoderDecoderStep(OneRowCompilable):
         cross_rows, prompt_lengths = prompts.T.contiguous()
         return (
             hidden, positions, positions + 1, cross_rows, prompt_lengths,
-            length_carrier(row_bucket(n) - n, device), length_carrier(width, device),
+            padding_carrier(n, device), length_carrier(width, device),
             length_carrier(prompt_width, device), *slots.buffers(), *cross.buffers(),
         )  # fmt: skip
 
@@ -248,8 +250,7 @@ class EncoderDecoderStep(OneRowCompilable):
     def batch_dynamic_shapes(self) -> tuple:
         Dim = torch.export.Dim
         most, layers = self.slots.max_positions, len(self.slots.keys)
-        per_row = {0: Dim("rows", min=2, max=MAX_ROWS_PER_CALL)}
-        padding = {0: Dim("padding", min=0, max=MAX_ROWS_PER_CALL)}
+        per_row, padding = batch_dims()
         width, prompt_width = Dim("width", min=2, max=most), Dim("prompt", min=2, max=most)
         own = [{0: Dim("row_capacity", min=2), 2: Dim("capacity", min=2, max=most)}] * layers
         cross = [
@@ -346,8 +347,7 @@ class BatchDecoderLayers(CompiledLayers):
         cross_values: list[torch.Tensor],
     ) -> torch.Tensor:
         slots, cross = RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
-        own = Runs.of_rows(torch.arange(hidden.shape[0], device=hidden.device), lengths)
-        prompt = Runs.of_rows(prompt_rows, prompt_lengths)
+        own, prompt = Runs.of_rows(lengths), Runs.of_rows(prompt_lengths, prompt_rows)
         width, prompt_width = width_of.shape[0], prompt_width_of.shape[0]
         rows = DecoderRows(slots.at(positions), own, width, prompt, prompt_width)
         with padded_by(padding_of.shape[0]):

@@ -36,14 +36,16 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 
 from chatbot.engine.kernels.fused import ProjectionPart
-from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL, PackedLinear, padded_by, row_bucket
+from chatbot.engine.kernels.rows import PackedLinear, padded_by
 from chatbot.engine.model_step import (
     DecoderOnlyStep,
     OneRowCompilable,
     Runs,
     _Run,
     attend_by_run,
+    batch_dims,
     length_carrier,
+    padding_carrier,
 )
 from chatbot.engine.slots import RowSlots
 
@@ -258,7 +260,7 @@ class BatchLayers(CompiledLayers):
         values: list[torch.Tensor],
     ) -> torch.Tensor:
         slots = RowSlots.over(keys, values)
-        runs = Runs.of_rows(torch.arange(hidden.shape[0], device=hidden.device), lengths)
+        runs = Runs.of_rows(lengths)
         step = StepRows(slots.at(positions), Rotation(cos, signed_sin), runs, width_of.shape[0])
         with padded_by(padding_of.shape[0]):
             return self.layers(hidden, step, slots)
@@ -326,8 +328,7 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
         n, device = hidden.shape[0], hidden.device
         return (
             hidden, rotation.cos, rotation.signed_sin, positions, positions + 1,
-            length_carrier(row_bucket(n) - n, device), length_carrier(width, device),
-            *slots.buffers(),
+            padding_carrier(n, device), length_carrier(width, device), *slots.buffers(),
         )  # fmt: skip
 
     def one_row_layers(self) -> nn.Module:
@@ -350,8 +351,7 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
     def batch_dynamic_shapes(self) -> tuple:
         Dim = torch.export.Dim
         most = self.slots.max_positions
-        per_row = {0: Dim("rows", min=2, max=MAX_ROWS_PER_CALL)}
-        padding = {0: Dim("padding", min=0, max=MAX_ROWS_PER_CALL)}
+        per_row, padding = batch_dims()
         width = {0: Dim("width", min=2, max=most)}
         capacity = {0: Dim("row_capacity", min=2), 2: Dim("capacity", min=2, max=most)}
         buffers = [capacity] * len(self.slots.keys)

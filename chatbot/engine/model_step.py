@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatbot.engine.kernels import attention
-from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
+from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL, row_bucket
 from chatbot.engine.slots import RowSlots
 
 
@@ -153,6 +153,19 @@ def length_carrier(length: int, device: torch.device) -> torch.Tensor:
     return torch.empty((length, 0), device=device)
 
 
+def padding_carrier(rows: int, device: torch.device) -> torch.Tensor:
+    """The rows ``row_bucket`` pads a product of ``rows`` rows by, as a compiled
+    batch's input (``padded_by``)."""
+    return length_carrier(row_bucket(rows) - rows, device)
+
+
+def batch_dims() -> tuple[dict[int, torch.export.Dim], dict[int, torch.export.Dim]]:
+    """``torch.export``'s dimensions of a compiled batch's per-row inputs and of its
+    padding carrier, alike in every family."""
+    rows = torch.export.Dim("rows", min=2, max=MAX_ROWS_PER_CALL)
+    return {0: rows}, {0: torch.export.Dim("padding", min=0, max=MAX_ROWS_PER_CALL)}
+
+
 @dataclass(frozen=True)
 class _Run:
     """One reply's rows (its beams), which attend over the same number of positions."""
@@ -177,9 +190,12 @@ class Runs(tuple[_Run, ...]):
     """A step's runs, in row order, which every layer's attention reads alike."""
 
     @classmethod
-    def of_rows(cls, rows: torch.Tensor, lengths: torch.Tensor) -> Runs:
-        """Runs known by each row's key row and length alone (``key_rows``): a compiled
-        batch's inputs, read by the attention kernel only."""
+    def of_rows(cls, lengths: torch.Tensor, rows: torch.Tensor | None = None) -> Runs:
+        """Runs known by each row's length and key row alone (``key_rows``; each its
+        own row unless ``rows`` says): a compiled batch's inputs, read by the attention
+        kernel only."""
+        if rows is None:
+            rows = torch.arange(lengths.shape[0], device=lengths.device)
         runs = cls()
         runs.__dict__["key_rows"] = (rows, lengths)
         return runs
