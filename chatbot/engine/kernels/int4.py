@@ -25,11 +25,14 @@ encoder, Blenderbot's cross-attention keys and values), goes to a ``BFloat16Line
 of the same 4-bit weights: the same bfloat16 inputs times the same weights, summed by
 oneDNN's matrix kernels (AMX where the CPU has it) instead of row by row. Decode steps
 (one position per sequence) always take the 4-bit kernel. A reply is computed alike
-alone or beside others in the decode loop, which runs each prompt alone: the kernel a
-prompt's rows get depends only on its own length. Adaptive batching pads prompts into
-one call, so there the row count is the batch's, and under AMX a prompt's sums can
-differ with the batch, as that mode's attention already makes replies differ in every
-precision but float32. An int8 prompt kernel was as fast but cost 2.4% perplexity: its
+alone or beside others in the decode loop: the kernel a prompt's rows get depends only
+on its own length (a one-token prompt passes alone, ``model_step.packed_prompts``), and
+below AMX the bfloat16 kernel's rows are independent, so prompts may share a pass.
+Under AMX a prompt's sums can differ with the rows beside it, so there the loop runs
+each prompt in a pass of its own (``prompt_rows_alone``); adaptive batching pads
+prompts into one call, where they can differ with the batch, as that mode's attention
+already makes replies differ in every precision but float32. An int8 prompt kernel was
+as fast but cost 2.4% perplexity: its
 per-row activation scales are what cost the ``int8`` precision its quality.
 ``four_bits_throughout`` sends every call to the 4-bit kernel.
 """
@@ -102,6 +105,7 @@ class Int4Linear(PackedLinear):
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         native = self.prompts_in_bfloat16 and at_least("avx512_core_bf16")
         self.prompts = self._prompt_kernel(codes) if native else None
+        self.prompt_rows_alone = self.prompts is None or not at_least("avx512_core_amx")
 
     def _prompt_kernel(self, codes: torch.Tensor) -> BFloat16Linear:
         four_bit = nn.utils.skip_init(

@@ -122,6 +122,10 @@ class PackedLinear(nn.Module, ABC):
     """The kernel's name, shown by ``repr``."""
     smallest_call = 1
     """The fewest rows handed to the kernel at once (a single row is padded up to it)."""
+    prompt_rows_alone = True
+    """Whether a prompt's rows, too, get values that do not depend on the rows beside
+    them (not ``Int4Linear``'s bfloat16 prompt kernel under AMX): then prompts may share
+    a pass (``model_step.PackedPrompts``)."""
     sums_exactly = False
     """Whether any kernel that computes this product exactly gives the same floats, bit
     for bit (integer sums, scaled without a zero point: ``Int8Linear`` with AMX), so
