@@ -14,12 +14,13 @@ from test_engine import PROMPTS, request
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.logits_process import (
     MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
     TemperatureLogitsWarper,
 )
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
-from chatbot.engine.decoding import DecodingRules, reached
+from chatbot.engine.decoding import DecodingRules, short_of
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.stop_texts import StopScanner
 from chatbot.schemas import ChatReply, ChatRequest, TextRequest
@@ -189,15 +190,22 @@ def test_blenderbot_takes_raw_text_as_one_user_turn(engine):
     assert run(engine, lambda b: b.reply(text)) == engine.generate([chat])[0]
 
 
-def test_a_minimum_length_reached_is_skipped_and_changes_nothing():
-    """``DecodingRules.process`` leaves out a minimum length the reply has reached
-    (``decoding.reached``): the scores are transformers' own, before and after it."""
-    processors = LogitsProcessorList(
-        [MinLengthLogitsProcessor(5, eos_token_id=[2]), TemperatureLogitsWarper(0.7)]
-    )
+@pytest.mark.parametrize(
+    "minimum",
+    [
+        MinLengthLogitsProcessor(5, eos_token_id=[2, 7]),
+        MinNewTokensLengthLogitsProcessor(2, 3, eos_token_id=[2, 7]),
+    ],
+    ids=["min_length", "min_new_tokens"],
+)
+def test_a_minimum_length_gives_transformers_scores_short_of_it_and_after(minimum):
+    """``DecodingRules.process`` applies a minimum length by its effect alone
+    (``decoding.short_of``): the scores are transformers' own, short of it and after."""
+    processors = LogitsProcessorList([minimum, TemperatureLogitsWarper(0.7)])
     rules = DecodingRules(GenerationConfig(), processors, StoppingCriteriaList())
     scores = torch.randn(1, 50)
     for length in (3, 4, 5, 9):
         ids = torch.zeros(1, length, dtype=torch.long)
         assert torch.equal(rules.process(ids, scores), processors(ids, scores))
-        assert reached(processors[0], length) == (length >= 5)
+        assert short_of(minimum, length) == (length < 5)
+    assert short_of(processors[1], 3) is None
