@@ -344,15 +344,20 @@ def attach(
         if not head_verified(head, head_runner):
             return f"{head_package(package)} does not give the eager head's values: not used"
         head.one_row = head_runner
-    load = torch._inductor.aoti_load_package
-    batch = load(str(batch_package(package))) if batches(step) else None
-    if batch is not None and batch_verified(step, batch):
-        step.batch, batched = batch, "; batches compiled"
-    else:
-        batched = "" if batch is None else f"; {batch_package(package)} differs: not used"
+    batched = _attach_batch(step, batch_package(package)) if batches(step) else ""
     step.one_row = compiled  # last: ``Compilation`` says "compiled" once all is in
     ready = time.perf_counter() - started
     return f"one-row step compiled ({package.name}, ready in {ready:.1f} s){batched}"
+
+
+def _attach_batch(step: OneRowCompilable, package: Path) -> str:
+    """Give ``step`` the batch layers of ``package`` if they give the eager layers'
+    values; what happened, as a clause of ``attach``'s words."""
+    batch = torch._inductor.aoti_load_package(str(package))
+    if not batch_verified(step, batch):
+        return f"; {package} differs: not used"
+    step.batch = batch
+    return "; batches compiled"
 
 
 class Compilation:
