@@ -7,6 +7,16 @@
 #include <math.h>
 #include <stdint.h>
 
+/* max |row[i]|, i < k. Maxima are exact in any order, so the reduction may be
+ * vectorised; finite-math-only lets GCC do it (fmaxf's NaN rule kept it one element
+ * at a time, a dependent chain: 1.1 G floats/s, most of the quantization's time). */
+__attribute__((optimize("finite-math-only", "no-signed-zeros"))) static float
+absmax(const float *row, int64_t k) {
+    float top = 0.0f;
+    for (int64_t i = 0; i < k; i++) top = fmaxf(top, fabsf(row[i]));
+    return top;
+}
+
 /* x (n rows, row_stride apart, k each) -> out (n, k) bytes: round(x / scale), plus
  * zero_point (as uint8) or not (as int8), where scale = max|x| / levels (at least
  * FLT_MIN) goes to scales[r]. */
@@ -15,9 +25,7 @@ void quantize_rows(const float *x, int64_t n, int64_t k, int64_t row_stride, flo
 #pragma omp parallel for num_threads(threads) if (n * k >= 32768)
     for (int64_t r = 0; r < n; r++) {
         const float *row = x + r * row_stride;
-        float top = 0.0f;
-        for (int64_t i = 0; i < k; i++) top = fmaxf(top, fabsf(row[i]));
-        float scale = fmaxf(top / levels, FLT_MIN);
+        float scale = fmaxf(absmax(row, k) / levels, FLT_MIN);
         scales[r] = scale;
         if (zero_point) {
             uint8_t *bytes = (uint8_t *)out + r * k;
