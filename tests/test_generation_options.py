@@ -13,14 +13,22 @@ from test_decode_loop import run
 from test_engine import PROMPTS, request
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.logits_process import (
+    EncoderNoRepeatNGramLogitsProcessor,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
     TemperatureLogitsWarper,
+)
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteria,
 )
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
 from chatbot.engine.decoding import DecodingRules, short_of
+from chatbot.engine.ngrams import RowNgrams
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.stop_texts import StopScanner
 from chatbot.schemas import ChatReply, ChatRequest, TextRequest
@@ -208,4 +216,48 @@ def test_a_minimum_length_gives_transformers_scores_short_of_it_and_after(minimu
         ids = torch.zeros(1, length, dtype=torch.long)
         assert torch.equal(rules.process(ids, scores), processors(ids, scores))
         assert short_of(minimum, length) == (length < 5)
-    assert short_of(processors[1], 3) is None
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_the_ngram_rules_of_one_row_give_transformers_scores_at_every_length(size: int):
+    """``DecodingRules.process`` applies ``no_repeat_ngram_size`` and
+    ``encoder_no_repeat_ngram_size`` to one row by their effect (``ngrams.forbidden``,
+    an index grown a token at a time): at every length of a reply that repeats itself
+    and its prompt, the scores are transformers' own. Id 9 is past the scores' 9 ids
+    (transformers leaves it out of the reply's rule)."""
+    generator = torch.Generator().manual_seed(size)
+    prompt = torch.randint(0, 6, (1, 12), generator=generator)
+    processors = LogitsProcessorList(
+        [
+            NoRepeatNGramLogitsProcessor(size),
+            TemperatureLogitsWarper(0.7),
+            EncoderNoRepeatNGramLogitsProcessor(size, prompt),
+        ]
+    )
+    rules = DecodingRules(GenerationConfig(), processors, StoppingCriteriaList())
+    tokens = [9, *torch.randint(0, 6, (30,), generator=generator).tolist()]
+    row = RowNgrams(tokens[:1])
+    for length in range(1, len(tokens)):
+        ids, scores = torch.tensor([tokens[:length]]), torch.randn(1, 9, generator=generator)
+        assert torch.equal(rules.process(ids, scores, row), processors(ids, scores)), length
+        row.append(tokens[length])
+
+
+class _LongerThan(StoppingCriteria):
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([input_ids.shape[1] > self.length])
+
+
+def test_a_rows_stopping_criteria_stop_it_as_transformers_do():
+    """A maximum length and end-of-text ids end a one-row reply by their effect
+    (``DecodingRules.stops``); other criteria still run, and any one ends it."""
+    stopping = StoppingCriteriaList(
+        [MaxLengthCriteria(8), EosTokenCriteria(torch.tensor([2, 5])), _LongerThan(6)]
+    )
+    rules = DecodingRules(GenerationConfig(), LogitsProcessorList(), stopping)
+    for tokens in ([0, 1], [0, 2], [0, 3, 5], [0, 4, 4, 4, 4, 4, 4], [0] + [1] * 7, [2, 1]):
+        ids = torch.tensor([tokens])
+        assert rules.stops(ids, RowNgrams(tokens)) == bool(stopping(ids, None)[0]), tokens
