@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ def test_only_batch_layers_that_give_the_eager_values_pass(
 def test_compiled_blenderbot_steps_write_the_replies_of_generate_alone(
     tiny_checkpoint: Path, tmp_path: Path
 ):
-    """The packages built, verified and attached as the service does it; then each
+    """The packages built, verified and attached as the service does it (nothing left
+    unpacked on disk); then each
     reply runs alone (one row: the compiled layers), then all at once, greedy and in
     beams (the compiled batch), and each equals ``generate``'s. The batch runs first:
     a compiled step that leaves oneDNN a primitive of its own for a shape (as ``gelu``
@@ -110,8 +112,13 @@ def test_compiled_blenderbot_steps_write_the_replies_of_generate_alone(
             assert isinstance(step, EncoderDecoderStep)
             # Not niced, unlike the service's build: beside the suite's other lane a
             # niced build waited minutes for the cores.
+            unpacked = set(Path(tempfile.gettempdir()).glob("aotinductor_*"))
             said = attach(step, tiny_checkpoint, "int8", True, tmp_path, niceness=0)
             assert said.startswith("one-row step compiled"), said
+            # Loaded, the packages leave nothing unpacked behind (``compiled_step.load``),
+            # and the replies below come from programs whose folders are gone.
+            assert set(Path(tempfile.gettempdir()).glob("aotinductor_*")) <= unpacked
+            assert all(path.suffix == ".pt2" for path in tmp_path.iterdir())
             assert step.one_row is not None
             assert (step.batch is not None) is batches(step), said
             together = await batcher.generate(greedy)

@@ -335,12 +335,12 @@ def attach(
             return f"could not compile the one-row step in {BUILD_LIMIT_S} s"
         if done.returncode != 0:
             return f"could not compile the one-row step: {done.stderr.strip()[-2000:]}"
-    compiled = torch._inductor.aoti_load_package(str(package))
+    compiled = load(package)
     if not verified(step, compiled):
         return f"{package} does not give the eager step's values: not used"
     head = exact_head(step.model)
     if head is not None:
-        head_runner = torch._inductor.aoti_load_package(str(head_package(package)))
+        head_runner = load(head_package(package))
         if not head_verified(head, head_runner):
             return f"{head_package(package)} does not give the eager head's values: not used"
         head.one_row = head_runner
@@ -350,10 +350,32 @@ def attach(
     return f"one-row step compiled ({package.name}, ready in {ready:.1f} s){batched}"
 
 
+_EXTRACTING = threading.Lock()
+
+
+def load(package: Path) -> Callable[..., torch.Tensor]:
+    """``package``'s program, loaded. AOTInductor's loader unpacks a package into a
+    folder of its own under the system's temporary folder and never removes it, not
+    even when loading fails: every start of the service left 0.3-1.1 GB there per
+    package, and a day of tests filled this machine's disk. So the loader unpacks
+    into a folder of ours (``TMPDIR``, which it reads), removed once the program is
+    loaded: its library and weights stay mapped, as files removed on Linux do."""
+    with _EXTRACTING, tempfile.TemporaryDirectory(prefix="aoti-", dir=package.parent) as folder:
+        before = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = folder
+        try:
+            return torch._inductor.aoti_load_package(str(package))
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
+
+
 def _attach_batch(step: OneRowCompilable, package: Path) -> str:
     """Give ``step`` the batch layers of ``package`` if they give the eager layers'
     values; what happened, as a clause of ``attach``'s words."""
-    batch = torch._inductor.aoti_load_package(str(package))
+    batch = load(package)
     if not batch_verified(step, batch):
         return f"; {package} differs: not used"
     step.batch = batch
