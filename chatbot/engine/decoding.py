@@ -13,8 +13,9 @@ token-identical to ``generate`` on the same request alone, whatever else shares 
 step. A few that only forbid ids or compare a length (minimum and maximum lengths,
 end-of-text ids, a single row's n-gram rules: ``ngrams``) are applied by their effect,
 which gives their scores and decisions bit for bit at a fraction of the cost: one
-call each per reply per step adds up at 32 replies. These methods are private to transformers, which is why ``requirements.txt``
-pins its version; ``tests/test_decode_loop.py`` compares both paths on every release.
+call each per reply per step adds up at 32 replies. These methods are private to
+transformers, which is why ``requirements.txt`` pins its version;
+``tests/test_decode_loop.py`` compares both paths on every release.
 """
 
 from __future__ import annotations
