@@ -402,3 +402,30 @@ def test_int8_activations_are_torchs_to_the_bit_in_one_pass(
         by_torch = products.clone().mul_(scales)
         by_torch = by_torch if added is None else by_torch.add_(added)
         assert torch.equal(scale_rows(products.clone(), scales, added), by_torch)
+
+
+FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@pytest.mark.skipif(not FBGEMM, reason="this torch has no fbgemm")
+@pytest.mark.parametrize("fbgemm", [False, True], ids=["onednn", "fbgemm"])
+def test_int8_products_are_the_exact_sums_by_either_library(fbgemm: bool):
+    """oneDNN multiplies int8 on CPUs with VNNI, fbgemm on the others (faster there);
+    both must give every row the integer sums times the two scales, to the bit, alone
+    or beside other rows, so a reply does not depend on which library this CPU has."""
+    from chatbot.engine.kernels import int8
+
+    generator = torch.Generator().manual_seed(5)
+    linear = nn.Linear(1280, 320)
+    x = torch.randn(48, 1280, generator=generator) * 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "fbgemm_multiplies", lambda: fbgemm)
+        layer = Int8Linear(linear)
+    assert ("fbgemm" in layer.kernel) is fbgemm
+    weight_scales = absmax_scales(linear.weight.detach(), int8.weight_range()).squeeze(1)
+    weights = (linear.weight.detach() / weight_scales[:, None]).round().long()
+    levels, scales = quantize_rows(x, 0)
+    exact = (levels.long() @ weights.T).float().mul_(weight_scales).mul_(scales).add_(linear.bias)
+    together = layer(x)
+    assert torch.equal(together, exact)
+    assert all(torch.equal(layer(x[i : i + 1])[0], together[i]) for i in (0, 17, 47))

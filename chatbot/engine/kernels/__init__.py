@@ -14,6 +14,7 @@ Model code never asks which one runs. ``chatbot.engine.precision`` picks one per
 | ``RescoredInt8Linear`` (LM head) | int8; float32 for the best candidates | int8; float32 |
 | ``RescoredBFloat16Linear`` (LM head) | bfloat16; float32 for the best candidates | float32 |
 
+int8 is multiplied by oneDNN, or by fbgemm on CPUs without VNNI (faster there).
 Projections that read the same input share one stacked product (``fused``).
 """
 

@@ -23,12 +23,25 @@ bytes and adds each pair of u8 x s8 products in a saturating 16-bit sum first
 There the weights take 7 bits (-63..63), as fbgemm's ``reduce_range`` does for the
 same reason, and every sum is exact again.
 
-``torch.ao``'s dynamic quantization (fbgemm) picks one activation scale per call, so a
-row's result there depends on the rows beside it; ``torch._int_mm`` (signed x signed)
-is as exact but falls back to a slow path without AVX-512 VNNI.
+Without VNNI, fbgemm multiplies instead (``fbgemm_multiplies``): oneDNN's u8 x s8
+kernel took 3.5-4.7x fbgemm's time for 1 to 8 rows, and 1.5-1.7x for 32, on a 2-core
+AVX2 EPYC (slower than float32 for one row). fbgemm is handed each row's integers
+with a scale of 1 and the same 7-bit weights, so its sums are as exact and its floats
+are the same integer sum times the channel's scale; the row's scale comes after, as
+for oneDNN. ``torch.ao``'s dynamic quantization (fbgemm too) picks one activation
+scale per call instead, so a row's result there depends on the rows beside it;
+``torch._int_mm`` (signed x signed) is exact but falls back to a slow path without
+AVX-512 VNNI (135 ms for one row of 1,280 by 5,120 there).
 """
 
 from __future__ import annotations
+
+import hashlib
+import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,12 +51,24 @@ from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.rows import BATCH_HINT, PackedLinear
 
 _TINY = torch.finfo(torch.float32).tiny
+_FBGEMM_PRODUCT = "linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def vnni() -> bool:
+    """Whether this CPU sums u8 x s8 products in 32 bits (AVX512_VNNI, AVX-VNNI, AMX)."""
+    return at_least("avx512_core_vnni") or cpu_isa() == "avx2_vnni"  # AMX: newer still
 
 
 def weight_range() -> int:
     """The largest quantized weight magnitude whose sums this CPU keeps exact."""
-    vnni = at_least("avx512_core_vnni") or cpu_isa() == "avx2_vnni"  # AMX: newer still
-    return 127 if vnni else 63
+    return 127 if vnni() else 63
+
+
+def fbgemm_multiplies() -> bool:
+    """Whether fbgemm multiplies the int8 rows (CPUs without VNNI, a torch that has
+    it), not oneDNN."""
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    return not vnni() and fbgemm and hasattr(torch.ops.quantized, _FBGEMM_PRODUCT)
 
 
 def absmax_scales(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
@@ -85,18 +110,101 @@ class Int8Linear(PackedLinear):
         weight = linear.weight.detach().float()
         self.weight_scales = absmax_scales(weight, weight_range()).squeeze(1)
         quantized = weight.div(self.weight_scales[:, None]).round_().to(torch.int8)
-        self.packed = torch.ops.onednn.qlinear_prepack(quantized, [BATCH_HINT, self.in_features])
-        self._no_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
-        self.zero_point = activation_zero_point()
-        self.sums_exactly = self.zero_point == 0
+        self.fbgemm_weights = FbgemmWeights.of(quantized, self.weight_scales)
+        if self.fbgemm_weights is None:
+            hint = [BATCH_HINT, self.in_features]
+            self.packed = torch.ops.onednn.qlinear_prepack(quantized, hint)
+            self._no_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
+        else:
+            self.kernel = self.kernel.replace("onednn", "fbgemm")
+        self.zero_point = activation_zero_point() if self.fbgemm_weights is None else 0
+        self.sums_exactly = self.zero_point == 0 and self.fbgemm_weights is None
 
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
         quantized, scales = quantize_rows(rows, self.zero_point)
-        out = torch.ops.onednn.qlinear_pointwise(
-            quantized, 1.0, self.zero_point, self.packed, self.weight_scales, self._no_zero_points,
-            None, 1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
+        if self.fbgemm_weights is not None:
+            out = self.fbgemm_weights.product(quantized.float())
+        else:
+            out = torch.ops.onednn.qlinear_pointwise(
+                quantized, 1.0, self.zero_point, self.packed, self.weight_scales,
+                self._no_zero_points, None, 1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
         return scale_rows(out, scales, self.bias)
+
+
+class FbgemmWeights:
+    """A layer's int8 weights packed for fbgemm, found by ``name``: the digest of the
+    weights and their scales. A compiled step cannot hold fbgemm's packed weights (a
+    TorchScript object ``torch.export`` does not take), so its program calls
+    ``fbgemm_product`` with the name, which any process that loaded the same model
+    knows, and the package holds no copy of them."""
+
+    loaded: ClassVar[weakref.WeakValueDictionary[str, FbgemmWeights]] = (
+        weakref.WeakValueDictionary()
+    )
+    """Every model's, while the model lives."""
+
+    def __init__(self, name: str, packed: torch.ScriptObject, out_features: int) -> None:
+        self.name, self.packed, self.out_features = name, packed, out_features
+
+    def product(self, levels: torch.Tensor) -> torch.Tensor:
+        """``fbgemm_product`` of ``levels``: the operator where a step is traced, else
+        fbgemm's own call (the operator's Python costs about 15 us a call)."""
+        if torch.compiler.is_compiling():
+            return fbgemm_product(levels, self.name)
+        return _fbgemm(levels, self.packed)
+
+    @classmethod
+    def of(cls, quantized: torch.Tensor, scales: torch.Tensor) -> FbgemmWeights | None:
+        """(out, in) int8 ``quantized`` weights with a float32 scale per row, packed
+        for fbgemm where it multiplies (``fbgemm_multiplies``); None elsewhere."""
+        if not fbgemm_multiplies():
+            return None
+        digest = hashlib.blake2b(quantized.numpy().tobytes(), digest_size=16)
+        digest.update(scales.numpy().tobytes())
+        name = f"{quantized.shape[0]}x{quantized.shape[1]}-{digest.hexdigest()}"
+        if (known := cls.loaded.get(name)) is not None:
+            return known
+        zero_points = torch.zeros(quantized.shape[0], dtype=torch.long)
+        with warnings.catch_warnings(), _engine("fbgemm"):
+            # torch calls quantized tensors deprecated; fbgemm's packing still takes one
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(
+                quantized, scales.double(), zero_points, 0
+            )
+            packed = torch.ops.quantized.linear_prepack(weight, None)
+        weights = cls(name, packed, quantized.shape[0])
+        cls.loaded[name] = weights
+        return weights
+
+
+@contextmanager
+def _engine(name: str) -> Iterator[None]:
+    """torch's quantized engine set to ``name`` (which packs the weights) meanwhile."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+@torch.library.custom_op("chatbot::int8_fbgemm", mutates_args=())
+def fbgemm_product(levels: torch.Tensor, weights: str) -> torch.Tensor:
+    """(count, in) float32 ``levels`` (each row's integers, -127..127) times the int8
+    weights named ``weights`` (``FbgemmWeights``): (count, out) float32, each the exact
+    integer sum times its channel's scale. fbgemm quantizes the levels again with a
+    scale of 1 and a zero point of 128: the same integers, as bytes."""
+    return _fbgemm(levels, FbgemmWeights.loaded[weights].packed)
+
+
+def _fbgemm(levels: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    return getattr(torch.ops.quantized, _FBGEMM_PRODUCT)(levels, 1.0, 128, packed)
+
+
+@fbgemm_product.register_fake
+def _(levels, weights):
+    return levels.new_empty(levels.shape[0], FbgemmWeights.loaded[weights].out_features)
 
 
 def scale_rows(out: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
