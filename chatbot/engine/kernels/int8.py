@@ -115,10 +115,11 @@ class Int8Linear(PackedLinear):
             hint = [BATCH_HINT, self.in_features]
             self.packed = torch.ops.onednn.qlinear_prepack(quantized, hint)
             self._no_zero_points = torch.zeros(self.out_features, dtype=torch.int32)
-        else:
+            self.zero_point = activation_zero_point()
+            self.sums_exactly = self.zero_point == 0
+        else:  # fbgemm takes each row's signed integers, as floats
             self.kernel = self.kernel.replace("onednn", "fbgemm")
-        self.zero_point = activation_zero_point() if self.fbgemm_weights is None else 0
-        self.sums_exactly = self.zero_point == 0 and self.fbgemm_weights is None
+            self.zero_point = 0
 
     def _multiply(self, rows: torch.Tensor) -> torch.Tensor:
         quantized, scales = quantize_rows(rows, self.zero_point)
