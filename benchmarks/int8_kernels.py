@@ -23,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -40,7 +42,7 @@ KERNELS = ("onednn", "fbgemm")
 def load(kernel: str) -> ChatEngine:
     """The bench's model in int8, its products by ``kernel``, loaded in a thread that
     ends, as the service loads it (``own_thread``)."""
-    if kernel == "fbgemm" and "fbgemm" not in int8.torch.backends.quantized.supported_engines:
+    if kernel == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise SystemExit("this torch has no fbgemm")
     load = partial(ChatEngine.load, real_architecture_checkpoint(), kernel, dtype="int8")
     with mock.patch.object(int8, "fbgemm_multiplies", return_value=kernel == "fbgemm"):

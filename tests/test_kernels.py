@@ -31,7 +31,7 @@ from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX
 from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels.fused import ProjectionPart, SharedProduct, fuse_projections
 from chatbot.engine.kernels.int4 import dequantize_groups, four_bits_throughout, quantize_groups
-from chatbot.engine.kernels.int8 import absmax_scales, quantize_rows, scale_rows
+from chatbot.engine.kernels.int8 import absmax_scales, quantize_rows, scale_rows, weight_range
 from chatbot.engine.kernels.native import library
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL
 from chatbot.schemas import ChatRequest
@@ -409,20 +409,19 @@ FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 
 @pytest.mark.skipif(not FBGEMM, reason="this torch has no fbgemm")
 @pytest.mark.parametrize("fbgemm", [False, True], ids=["onednn", "fbgemm"])
-def test_int8_products_are_the_exact_sums_by_either_library(fbgemm: bool):
+def test_int8_products_are_the_exact_sums_by_either_library(
+    fbgemm: bool, monkeypatch: pytest.MonkeyPatch
+):
     """oneDNN multiplies int8 on CPUs with VNNI, fbgemm on the others (faster there);
     both must give every row the integer sums times the two scales, to the bit, alone
     or beside other rows, so a reply does not depend on which library this CPU has."""
-    from chatbot.engine.kernels import int8
-
     generator = torch.Generator().manual_seed(5)
     linear = nn.Linear(1280, 320)
     x = torch.randn(48, 1280, generator=generator) * 3
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(int8, "fbgemm_multiplies", lambda: fbgemm)
-        layer = Int8Linear(linear)
+    monkeypatch.setattr("chatbot.engine.kernels.int8.fbgemm_multiplies", lambda: fbgemm)
+    layer = Int8Linear(linear)
     assert ("fbgemm" in layer.kernel) is fbgemm
-    weight_scales = absmax_scales(linear.weight.detach(), int8.weight_range()).squeeze(1)
+    weight_scales = absmax_scales(linear.weight.detach(), weight_range()).squeeze(1)
     weights = (linear.weight.detach() / weight_scales[:, None]).round().long()
     levels, scales = quantize_rows(x, 0)
     exact = (levels.long() @ weights.T).float().mul_(weight_scales).mul_(scales).add_(linear.bias)

@@ -187,16 +187,16 @@ void attend_rows(const float *query, int64_t query_row, int64_t query_head, cons
             int64_t next = item + 1 < items ? item + 1 : item;
             int64_t next_at = rows[next / heads] * kv_row + (next % heads / group) * kv_head;
             const float *q = query + r * query_row + h * query_head;
+#define ATTEND(blocks, half)                                                                  \
+    attend_one(q, keys + at, values + at, kv_position, lengths[r], blocks, half, scale, scores, \
+               out + item * dim, keys + next_at, values + next_at)
             if (dim == 40) /* Blenderbot's heads */
-                attend_one(q, keys + at, values + at, kv_position, lengths[r], 2, 1, scale,
-                           scores, out + item * dim, keys + next_at, values + next_at);
+                ATTEND(2, 1);
             else if (dim == 64) /* SmolLM2's and Llama's */
-                attend_one(q, keys + at, values + at, kv_position, lengths[r], 4, 0, scale,
-                           scores, out + item * dim, keys + next_at, values + next_at);
+                ATTEND(4, 0);
             else
-                attend_one(q, keys + at, values + at, kv_position, lengths[r], dim / LANES,
-                           dim % LANES != 0, scale, scores, out + item * dim, keys + next_at,
-                           values + next_at);
+                ATTEND(dim / LANES, dim % LANES != 0);
+#undef ATTEND
         }
     }
 }
