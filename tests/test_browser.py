@@ -174,6 +174,16 @@ def rendered(page) -> None:
     )  # Streamlit's "Running..." indicator
 
 
+STOPPED = "Stopped: the reply ends here."
+
+
+def shown_stopped(page) -> None:
+    """Until a stopped reply is shown as such, and the run that shows it has ended:
+    till then the bubble may still hold the stale streaming text and Stop button."""
+    page.get_by_text(STOPPED).wait_for()
+    rendered(page)
+
+
 def sidebar_text(page) -> str:
     rendered(page)
     return page.locator('[data-testid="stSidebar"]').inner_text()

@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import CHROMIUM, OFFLINE_MODEL, ROOT, MakeRun, wait_for
 from streamlit.testing.v1 import AppTest
-from test_browser import TIMEOUT_MS, bubbles, send
+from test_browser import TIMEOUT_MS, bubbles, send, shown_stopped
 
 from chatbot.models.offline_model import NOTE
 
@@ -113,11 +113,11 @@ def test_stop_keeps_what_was_written_and_the_service_stops_writing(make_run, bro
     page.wait_for_function(WRITING)
     assert page.locator('[data-testid="stChatInputTextArea"]').is_disabled()  # input waits
     page.locator("button", has_text="Stop").click()
-    page.get_by_text("Stopped: the reply ends here.").wait_for()
+    shown_stopped(page)
     partial = bubbles(page)[1]
     wait_for(lambda: aborted_replies(make_run.url) > aborted, "the service to count an abort")
     page.reload()
-    page.get_by_text("Stopped: the reply ends here.").wait_for()
+    shown_stopped(page)
     assert bubbles(page)[1] == partial
     assert "300" not in partial
     page.context.close()

@@ -21,10 +21,12 @@ import psutil
 import pytest
 from conftest import CHROMIUM, OFFLINE_MODEL, running, wait_for
 from test_browser import (
+    STOPPED,
     TIMEOUT_MS,
     bubbles,
     rendered,
     send,
+    shown_stopped,
     sidebar_text,
     sign_in,
     streamlit_page,
@@ -45,7 +47,6 @@ pytestmark = [
 ]
 LEASE_S = 3  # a reply nobody touched for this long is taken as stopped (default 15)
 LONG = "Write a very long story about a dragon who lives in a library."  # greedy: 1,024 tokens
-STOPPED = "Stopped: the reply ends here."
 
 
 class Copies:
@@ -184,11 +185,11 @@ def test_a_conversation_moves_between_copies_and_is_stopped_and_regenerated_acro
     assert LONG[:40] in sidebar_text(on_b)  # its title
     on_b.get_by_text("Being written").wait_for()  # copy B follows what copy A writes
     on_b.locator("button", has_text="Stop").click()  # ... and stops it
-    on_a.get_by_text(STOPPED).wait_for()
-    on_b.get_by_text(STOPPED).wait_for()
+    shown_stopped(on_a)
+    shown_stopped(on_b)
     wait_for(lambda: aborted_replies(setup.service) > aborted, "the service to count an abort")
     on_a.reload()
-    on_a.get_by_text(STOPPED).wait_for()
+    shown_stopped(on_a)
     assert bubbles(on_a) == bubbles(on_b)
     assert stored(setup.store, on_a)[-1].state == "stopped"
 
@@ -278,6 +279,7 @@ def test_when_a_copy_dies_mid_reply_the_others_keep_what_it_wrote(copies, browse
         on_b = open_tab(context, on(b, on_doomed))
         shortest_replies(on_b)
         on_b.get_by_text(STOPPED).wait_for(timeout=(LEASE_S + 30) * 1000)
+        rendered(on_b)  # the run that shows it has ended
         last = stored(setup.store, on_b)[-1]
         assert (last.content, last.state) == (kept, "stopped")
         words = kept.split()
