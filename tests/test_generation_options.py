@@ -14,6 +14,7 @@ from test_engine import PROMPTS, request
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.logits_process import (
     EncoderNoRepeatNGramLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
@@ -27,7 +28,7 @@ from transformers.generation.stopping_criteria import (
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
-from chatbot.engine.decoding import DecodingRules, short_of
+from chatbot.engine.decoding import DecodingRules, RowIds, short_of
 from chatbot.engine.ngrams import RowNgrams
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.stop_texts import StopScanner
@@ -198,6 +199,11 @@ def test_blenderbot_takes_raw_text_as_one_user_turn(engine):
     assert run(engine, lambda b: b.reply(text)) == engine.generate([chat])[0]
 
 
+def made(ids: torch.Tensor) -> RowIds:
+    """A maker of ``ids``, as a reply hands its ids to ``DecodingRules``."""
+    return lambda: ids
+
+
 @pytest.mark.parametrize(
     "minimum",
     [
@@ -214,8 +220,30 @@ def test_a_minimum_length_gives_transformers_scores_short_of_it_and_after(minimu
     scores = torch.randn(1, 50)
     for length in (3, 4, 5, 9):
         ids = torch.zeros(1, length, dtype=torch.long)
-        assert torch.equal(rules.process(ids, scores), processors(ids, scores))
+        assert torch.equal(rules.process(made(ids), length, scores), processors(ids, scores))
         assert short_of(minimum, length) == (length < 5)
+
+
+def test_the_forced_end_token_gives_transformers_scores_at_every_length():
+    """Before the last position ``ForcedEOSTokenLogitsProcessor`` changes nothing: it
+    runs (on the ids, made for it) at the last position only, and the scores are
+    transformers' at every length (a minimum length applied by effect before it)."""
+    processors = LogitsProcessorList(
+        [MinLengthLogitsProcessor(3, [2]), ForcedEOSTokenLogitsProcessor(6, [2, 5])]
+    )
+    rules = DecodingRules(GenerationConfig(), processors, StoppingCriteriaList())
+    scores = torch.randn(1, 50)
+    made_at: list[int] = []
+    for length in range(1, 8):
+        ids = torch.zeros(1, length, dtype=torch.long)
+
+        def ids_made(ids: torch.Tensor = ids) -> torch.Tensor:
+            made_at.append(ids.shape[1])
+            return ids
+
+        processed = rules.process(ids_made, length, scores)
+        assert torch.equal(processed, processors(ids, scores)), length
+    assert set(made_at) == {5}
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])
@@ -239,7 +267,8 @@ def test_the_ngram_rules_of_one_row_give_transformers_scores_at_every_length(siz
     row = RowNgrams(tokens[:1])
     for length in range(1, len(tokens)):
         ids, scores = torch.tensor([tokens[:length]]), torch.randn(1, 9, generator=generator)
-        assert torch.equal(rules.process(ids, scores, row), processors(ids, scores)), length
+        processed = rules.process(made(ids), length, scores, row)
+        assert torch.equal(processed, processors(ids, scores)), length
         row.append(tokens[length])
 
 
@@ -260,4 +289,4 @@ def test_a_rows_stopping_criteria_stop_it_as_transformers_do():
     rules = DecodingRules(GenerationConfig(), LogitsProcessorList(), stopping)
     for tokens in ([0, 1], [0, 2], [0, 3, 5], [0, 4, 4, 4, 4, 4, 4], [0] + [1] * 7, [2, 1]):
         ids = torch.tensor([tokens])
-        assert rules.stops(ids, RowNgrams(tokens)) == bool(stopping(ids, None)[0]), tokens
+        assert rules.stops(RowNgrams(tokens), made(ids)) == bool(stopping(ids, None)[0]), tokens

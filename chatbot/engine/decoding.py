@@ -11,7 +11,8 @@ steps are transformers' own, built by the same ``GenerationMixin`` methods that
 ``generate`` calls, for a batch of one. That is what makes a reply from the loop
 token-identical to ``generate`` on the same request alone, whatever else shares the
 step. A few that only forbid ids or compare a length (minimum and maximum lengths,
-end-of-text ids, a single row's n-gram rules: ``ngrams``) are applied by their effect,
+end-of-text ids, a single row's n-gram rules: ``ngrams``; the forced end token before
+the last position, where it changes nothing) are applied by their effect,
 which gives their scores and decisions bit for bit at a fraction of the cost: one
 call each per reply per step adds up at 32 replies. These methods are private to
 transformers, which is why ``requirements.txt`` pins its version;
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, cast
 
 import torch
@@ -35,6 +37,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.generation.logits_process import (
+    ForcedEOSTokenLogitsProcessor,
     LogitsProcessor,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -116,42 +119,52 @@ class DecodingRules:
         return cls(config, processors, stopping)
 
     def process(
-        self, ids: torch.Tensor, scores: torch.Tensor, row: RowNgrams | None = None
+        self, ids: RowIds, length: int, scores: torch.Tensor, row: RowNgrams | None = None
     ) -> torch.Tensor:
-        """The processors in turn, as ``LogitsProcessorList`` applies them, without its
-        per-call signature inspection (measurable with one call per reply per step).
-        Those that only forbid ids (a minimum length, and a single ``row``'s n-gram
-        rules: ``banned_by``) fill them with -inf together, before the next processor
-        that runs."""
+        """The processors in turn on the rows' ``scores`` (their ids made by ``ids``,
+        ``length`` long), as ``LogitsProcessorList`` applies them, without its per-call
+        signature inspection (measurable with one call per reply per step). Those that
+        only forbid ids (a minimum length, and a single ``row``'s n-gram rules:
+        ``banned_by``) fill them with -inf together, before the next processor that
+        runs; only a processor that runs needs the ids."""
         banned: list[int] = []
         for processor in self.processors:
-            forbids = banned_by(processor, ids.shape[-1], row, scores.shape[-1])
+            forbids = banned_by(processor, length, row, scores.shape[-1])
             if forbids is None:
-                scores = processor(_ids(ids), _filled(scores, banned))
+                scores = processor(_ids(ids()), _filled(scores, banned))
                 banned = []
             else:
                 banned += forbids
         return _filled(scores, banned)
 
-    def stops(self, ids: torch.Tensor, row: RowNgrams) -> bool:
-        """Whether the stopping criteria end the one-row reply ``ids`` (``row``, its
-        tokens): a maximum length and end-of-text ids by their effect alone, 14 us
-        of tensors a reply a step otherwise; any other criterion runs."""
-        done = False
-        for criterion in self.stopping:
-            known = stopped_by(criterion, row)
-            done = (bool(criterion(ids, None)[0]) if known is None else known) or done
-        return done
+    def stops(self, row: RowNgrams, ids: RowIds) -> bool:
+        """Whether the stopping criteria end the one-row reply ``row`` (its ids made by
+        ``ids``, for a criterion that must run); every criterion is asked, as
+        ``StoppingCriteriaList`` asks them."""
+        decisions = [rule(row, ids) for rule in self._stop_rules]  # each one asked
+        return any(decisions)
+
+    @cached_property
+    def _stop_rules(self) -> tuple[StopRule, ...]:
+        return tuple(stop_rule(criterion) for criterion in self.stopping)
 
 
-def stopped_by(criterion: StoppingCriteria, row: RowNgrams) -> bool | None:
-    """Whether ``criterion`` ends a reply whose tokens are ``row``'s (None: not a
-    criterion known here)."""
+RowIds = Callable[[], torch.Tensor]
+"""Makes the (rows, length) ids of a reply's rows, for what must run on them."""
+StopRule = Callable[[RowNgrams, RowIds], bool]
+
+
+def stop_rule(criterion: StoppingCriteria) -> StopRule:
+    """How ``criterion`` decides for one row: a maximum length and end-of-text ids by
+    their effect alone (14 us of tensors a reply a step otherwise); any other
+    criterion runs on the row's ids."""
     if type(criterion) is MaxLengthCriteria:
-        return len(row.tokens) >= criterion.max_length
+        limit = criterion.max_length
+        return lambda row, ids: len(row.tokens) >= limit
     if type(criterion) is EosTokenCriteria:
-        return row.tokens[-1] in criterion.eos_token_id.tolist()
-    return None
+        ends = frozenset(criterion.eos_token_id.tolist())
+        return lambda row, ids: row.tokens[-1] in ends
+    return lambda row, ids: bool(criterion(ids(), None)[0])
 
 
 def banned_by(
@@ -163,6 +176,8 @@ def banned_by(
         return repeats
     if isinstance(processor, MinimumLength):
         return processor.eos_token_id.tolist() if short_of(processor, length) else []
+    if type(processor) is ForcedEOSTokenLogitsProcessor and length != processor.max_length - 1:
+        return []  # it forces the end token at the last position only
     return None
 
 
@@ -203,8 +218,8 @@ class Decoding(ABC):
         self.start_length = start.shape[1]
 
     @abstractmethod
-    def last_tokens(self) -> torch.Tensor:
-        """(rows,) the token each row feeds to the next model step."""
+    def last_tokens(self) -> list[int]:
+        """The token each row feeds to the next model step."""
 
     @property
     @abstractmethod
@@ -236,21 +251,26 @@ class SingleRow(Decoding):
         """``generator``: the request's own random numbers (its seed); ``top_logprobs``:
         note each token's log-probability and that many alternatives (None: don't)."""
         super().__init__(rules, start)
-        self.sequence = start
+        self.device = start.device
         self.row = RowNgrams(start[0].tolist())
         self.generator = generator
         self.top_logprobs = top_logprobs
         self.choices: list[TokenChoice] = []
 
-    def last_tokens(self) -> torch.Tensor:
-        return self.sequence[:, -1]
+    def last_tokens(self) -> list[int]:
+        return self.row.tokens[-1:]
 
     @property
     def length(self) -> int:
-        return self.sequence.shape[1]
+        return len(self.row.tokens)
+
+    def ids(self) -> torch.Tensor:
+        """(1, length) the reply so far, for the processors and criteria that run on
+        ids (most apply by their effect on ``row`` alone)."""
+        return torch.tensor([self.row.tokens], device=self.device)
 
     def advance(self, logits: torch.Tensor) -> None:
-        scores = self.rules.process(self.sequence, logits.to(torch.float32), self.row)
+        scores = self.rules.process(self.ids, self.length, logits.to(torch.float32), self.row)
         if self.rules.config.do_sample:
             probs = nn.functional.softmax(scores, dim=-1)
             token = torch.multinomial(probs, num_samples=1, generator=self.generator)
@@ -259,9 +279,8 @@ class SingleRow(Decoding):
         chosen = int(token)
         if self.top_logprobs is not None:
             self.choices.append(_choice(logits, chosen, self.top_logprobs))
-        self.sequence = torch.cat([self.sequence, token.to(self.sequence.dtype)], dim=-1)
         self.row.append(chosen)
-        self.finished = self.rules.stops(self.sequence, self.row)
+        self.finished = self.rules.stops(self.row, self.ids)
         return None
 
     def output(self) -> list[int]:
@@ -298,8 +317,8 @@ class BeamGroup(Decoding):
         )
         self.indices = self.running_indices.clone()
 
-    def last_tokens(self) -> torch.Tensor:
-        return self.running[0, :, self.cur_len - 1]
+    def last_tokens(self) -> list[int]:
+        return self.running[0, :, self.cur_len - 1].tolist()
 
     @property
     def length(self) -> int:
@@ -309,7 +328,7 @@ class BeamGroup(Decoding):
         model, config, beams = self.model, self.rules.config, self.rows
         flat = self.running[0, :, : self.cur_len]
         log_probs = nn.functional.log_softmax(logits.to(torch.float32), dim=-1)
-        log_probs = self.rules.process(flat, log_probs)
+        log_probs = self.rules.process(lambda: flat, self.cur_len, log_probs)
         log_probs = (log_probs[None] + self.running_scores[:, :, None]).reshape(1, -1)
         top_log_probs, top_sequences, top_indices = model._get_top_k_continuations(
             accumulated_log_probs=log_probs,

@@ -228,7 +228,9 @@ class DecodeLoop:
 
     def _decode(self) -> None:
         decodings = [job.decoding for job in self.running if job.decoding is not None]
-        tokens = torch.cat([d.last_tokens() for d in decodings]).to(self.step.device)
+        tokens = torch.tensor(
+            [token for d in decodings for token in d.last_tokens()], device=self.step.device
+        )
         positions = torch.tensor(
             [d.length - 1 for d in decodings for _ in range(d.rows)], device=self.step.device
         )
