@@ -5,9 +5,12 @@ weight bytes read plus a fixed cost per operation (30 layers of SmolLM2, each a 
 eager torch calls). This runs one greedy reply through the decode loop the service runs
 (``ContinuousBatcher``), with torch's profiler on, and prints the time per generated
 token and the operations that took most of it, grouped into weights (linear layers),
-attention, and everything else.
+attention, and everything else. ``--compiled`` first gives the loop's step its compiled
+packages as the service does (``compiled_step.attach``, building them into
+``CHATBOT_COMPILE_CACHE`` if they are not there yet): the engine's operators that the
+packages call back (``chatbot::*``) then show their own cost.
 
-    python benchmarks/profile_step.py [--model SOURCE] [--dtype int4] [--tokens 64]
+    python benchmarks/profile_step.py [--model SOURCE] [--dtype int4] [--tokens 64] [--compiled]
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench import conversations  # noqa: E402
 from benchmarks.quality import checkpoint_of  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
+from chatbot.engine.compiled_step import OneRowCompilable, attach  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
 from chatbot.engine.own_thread import in_own_thread  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
+from chatbot.settings import Settings  # noqa: E402
 
 GROUPS = {
+    # The engine's fbgemm operator around fbgemm's own (timed under "weights"): its self
+    # time is the cost of calling it, a callback from a compiled package.
+    "calling chatbot::int8_fbgemm": ("chatbot::int8_fbgemm",),
     "weights": ("linear", "mm", "addmm", "onednn", "mkldnn", "int4pack", "quantize"),
-    "attention": ("attention", "softmax", "bmm"),
+    "attention": ("attention", "attend", "softmax", "bmm"),
 }
 
 
@@ -44,17 +52,22 @@ def group_of(op: str) -> str:
     return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), "other")
 
 
-def reply(engine: ChatEngine, request: ChatRequest) -> int:
+def reply(batcher: ContinuousBatcher, request: ChatRequest) -> int:
     """Tokens written for ``request`` alone in the decode loop."""
 
     async def one() -> int:
-        batcher = ContinuousBatcher(engine, 1, 1)
-        try:
-            return (await batcher.reply(request)).completion_tokens
-        finally:
-            batcher.close()
+        return (await batcher.reply(request)).completion_tokens
 
     return asyncio.run(one())
+
+
+def compiled(batcher: ContinuousBatcher, source: str, dtype: str) -> str:
+    """The loop's step with its compiled packages, as the service attaches them."""
+    step = batcher.loop.step
+    if not isinstance(step, OneRowCompilable):
+        raise SystemExit(f"{source}'s step does not compile")
+    cache = Path(Settings.from_env().compile_cache)
+    return attach(step, source, dtype, True, cache, niceness=0)
 
 
 def main() -> None:
@@ -63,21 +76,31 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--compiled", action="store_true", help="attach the compiled packages")
     args = parser.parse_args()
     # Loaded as the service loads it, in a thread that ends: a thread that keeps an
     # OpenMP team of its own would slow the decode loop's (chatbot.engine.own_thread).
-    load = partial(ChatEngine.load, checkpoint_of(args.model), "profiled", dtype=args.dtype)
+    source = checkpoint_of(args.model)
+    load = partial(ChatEngine.load, source, "profiled", dtype=args.dtype)
     engine = asyncio.run(in_own_thread(load))
-    request = ChatRequest(
-        messages=conversations(1)[0], max_new_tokens=args.tokens, num_beams=1, do_sample=False
-    )
-    reply(engine, request)  # warm: first-call allocations are nobody's step
-    start = time.perf_counter()
-    tokens = reply(engine, request)
-    plain = (time.perf_counter() - start) / tokens
-    every_thread = _ExperimentalConfig(profile_all_threads=True)  # the loop has its own
-    with profile(activities=[ProfilerActivity.CPU], experimental_config=every_thread) as profiled:
-        reply(engine, request)
+    batcher = ContinuousBatcher(engine, 1, 1)
+    try:
+        if args.compiled:
+            print(compiled(batcher, str(source), args.dtype))
+        request = ChatRequest(
+            messages=conversations(1)[0], max_new_tokens=args.tokens, num_beams=1, do_sample=False
+        )
+        reply(batcher, request)  # warm: first-call allocations are nobody's step
+        start = time.perf_counter()
+        tokens = reply(batcher, request)
+        plain = (time.perf_counter() - start) / tokens
+        every_thread = _ExperimentalConfig(profile_all_threads=True)  # the loop has its own
+        with profile(
+            activities=[ProfilerActivity.CPU], experimental_config=every_thread
+        ) as profiled:
+            reply(batcher, request)
+    finally:
+        batcher.close()
     ops = [e for e in profiled.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in ops)
     by_group: dict[str, float] = {}
