@@ -53,6 +53,22 @@ def test_large_scores_do_not_overflow():
     torch.testing.assert_close(got[0, 0, 0], values[0, 0].mean(0))
 
 
+def test_scores_far_apart_weigh_as_in_sdpa():
+    """The kernel's own exponential (eight lanes at a time, the last ones padded) at
+    lengths on both sides of eight, with scores spread over hundreds: positions far
+    below the top weigh next to nothing, as in SDPA."""
+    generator = torch.Generator().manual_seed(7)
+    keys, values = torch.randn(2, 1, 4, 24, 40, generator=generator).unbind()
+    query = 30 * torch.randn(6, 4, 1, 40, generator=generator)
+    lengths = torch.tensor([1, 7, 8, 9, 16, 24])
+    got = attend_rows(query, keys, values, torch.zeros(6, dtype=torch.long), lengths, 1.0)
+    for i, length in enumerate(lengths.tolist()):
+        expected = functional.scaled_dot_product_attention(
+            query[i : i + 1], keys[:, :, :length], values[:, :, :length], scale=1.0
+        )
+        torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_it_takes_only_what_it_computes():
     keys = torch.zeros(1, 2, 4, 40)
     assert applies(torch.zeros(3, 2, 1, 40), keys)
