@@ -175,12 +175,20 @@ def rendered(page) -> None:
 
 
 STOPPED = "Stopped: the reply ends here."
+SETTLED_AS_STOPPED = f"""() => {{
+    const bubbles = [...document.querySelectorAll('[data-testid="stChatMessage"]')];
+    const stop = bubble => [...bubble.querySelectorAll("button")]
+        .some(button => button.innerText.includes("Stop"));
+    return bubbles.some(bubble => bubble.innerText.includes("{STOPPED}"))
+        && !bubbles.some(stop);
+}}"""  # the note shown, and no Stop button left in any bubble
 
 
 def shown_stopped(page) -> None:
-    """Until a stopped reply is shown as such, and the run that shows it has ended:
-    till then the bubble may still hold the stale streaming text and Stop button."""
-    page.get_by_text(STOPPED).wait_for()
+    """Until a stopped reply is shown as such, alone: on a busy machine the page
+    showed the note while the stale streaming text and its Stop button were still in
+    the bubble below it, for a moment."""
+    page.wait_for_function(SETTLED_AS_STOPPED)
     rendered(page)
 
 
