@@ -3,9 +3,10 @@
 ``attention_kernel.py`` times the kernel through its operator (about 20 us of Python a
 call) against SDPA; a change inside ``attention.c`` is smaller than that noise. This
 compiles ``attention.c`` as of ``--against`` (default ``HEAD``) and as it is now, with
-the flags the engine uses (``native.isa_flags``), calls each library's ``attend_rows``
-directly, in turns, on the same Blenderbot-400M-shaped rows, and prints each one's best
-time per call, ``now / then`` and the largest difference between their outputs.
+the engine's compiler and flags (``native.compile_command``), calls each library's
+``attend_rows`` directly, in turns, on the same Blenderbot-400M-shaped rows, and prints
+each one's best time per call, ``now / then`` and the largest difference between their
+outputs.
 
     python benchmarks/attention_versions.py [--against REV] [--rows 32] [--length 53]
 """
@@ -25,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.engine.kernels.native import SIGNATURES, isa_flags  # noqa: E402
+from chatbot.engine.kernels.native import SIGNATURES, compile_command  # noqa: E402
 
 SOURCE = "chatbot/engine/kernels/attention.c"
 HEADS, DIM, WIDTH = 32, 40, 128
@@ -37,8 +38,10 @@ def built(source: str, folder: Path, name: str) -> ctypes.CDLL:
     path = folder / f"{name}.c"
     path.write_text(source)
     library = folder / f"{name}.so"
-    command = ["cc", "-O3", *isa_flags(), "-fopenmp", "-fPIC", "-shared", str(path)]
-    subprocess.run([*command, "-o", str(library)], check=True)
+    common = compile_command()
+    if common is None:
+        raise SystemExit("no C compiler")
+    subprocess.run([*common, "-shared", str(path), "-o", str(library)], check=True)
     loaded = ctypes.CDLL(str(library))
     loaded.attend_rows.argtypes, loaded.attend_rows.restype = SIGNATURES["attend_rows"], None
     return loaded

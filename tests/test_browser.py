@@ -184,11 +184,11 @@ SETTLED_AS_STOPPED = f"""() => {{
 }}"""  # the note shown, and no Stop button left in any bubble
 
 
-def shown_stopped(page) -> None:
+def shown_stopped(page, timeout_ms: float | None = None) -> None:
     """Until a stopped reply is shown as such, alone: on a busy machine the page
     showed the note while the stale streaming text and its Stop button were still in
     the bubble below it, for a moment."""
-    page.wait_for_function(SETTLED_AS_STOPPED)
+    page.wait_for_function(SETTLED_AS_STOPPED, timeout=timeout_ms)
     rendered(page)
 
 

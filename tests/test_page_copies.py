@@ -278,8 +278,7 @@ def test_when_a_copy_dies_mid_reply_the_others_keep_what_it_wrote(copies, browse
         kept = stored(setup.store, on_doomed)[-1].content  # up to the last token it wrote
         on_b = open_tab(context, on(b, on_doomed))
         shortest_replies(on_b)
-        on_b.get_by_text(STOPPED).wait_for(timeout=(LEASE_S + 30) * 1000)
-        rendered(on_b)  # the run that shows it has ended
+        shown_stopped(on_b, timeout_ms=(LEASE_S + 30) * 1000)
         last = stored(setup.store, on_b)[-1]
         assert (last.content, last.state) == (kept, "stopped")
         words = kept.split()

@@ -51,15 +51,20 @@ def isa_flags() -> list[str]:
     return []
 
 
+def compile_command() -> list[str] | None:
+    """The C compiler and the flags every source gets, or None (no C compiler)."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    return None if compiler is None else [compiler, "-O3", *isa_flags(), "-fopenmp", "-fPIC"]
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """Every source compiled into one library and loaded, or None (no C compiler, or
     one that failed)."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
+    common = compile_command()
+    if common is None:
         logger.warning("no C compiler: torch's operations serve (slower)")
         return None
-    common = [compiler, "-O3", *isa_flags(), "-fopenmp", "-fPIC"]
     with tempfile.TemporaryDirectory() as folder:
         objects = [str(Path(folder) / f"{name}.o") for name in SOURCES]
         commands = [
