@@ -24,10 +24,15 @@ growing, measured by ``benchmarks/scaling.py`` (README, Scaling)."""
 _TAG_NAME_MAX = 63
 
 
+def user_cache() -> str:
+    """The project's folder in the user's cache folder (``XDG_CACHE_HOME``, ``~/.cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
+    return os.path.join(base, "chatbot")
+
+
 def default_compile_cache() -> str:
     """Where compiled steps are kept between starts: the user's cache folder."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
-    return os.path.join(base, "chatbot", "compiled-steps")
+    return os.path.join(user_cache(), "compiled-steps")
 
 
 def store_name_for(source: str) -> str:

@@ -80,9 +80,10 @@ def attend_rows(
     (int64, 1 <= lengths <= width, callers' promise); query heads share key heads in
     groups (grouped-query attention). Returns (n, heads, 1, dim), contiguous.
 
-    An operator, which ``torch.export`` records and a compiled one-row step calls back
-    (``compiled_step``); about 15 us a call more than the bare function, 0.4 ms of an
-    80 ms step of 32 conversations."""
+    An operator, which ``torch.export`` records and a compiled step calls back
+    (``compiled_step``). This Python kernel serves tracing and machines without a C++
+    compiler; elsewhere ``operators.cpp``'s does the same with no Python (``native``):
+    14 against 38 us a one-row Blenderbot call, eager."""
     n, heads, _, dim = query.shape
     if keys.stride() != values.stride() or keys.shape != values.shape:
         raise ValueError("keys and values must be laid out alike")

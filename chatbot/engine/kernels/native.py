@@ -1,4 +1,5 @@
-"""The engine's own C kernels (``*.c`` beside this file), compiled when first used.
+"""The engine's own kernels: C (``*.c`` beside this file), compiled at every start, and
+C++ operators (``operators.cpp``), compiled once per machine.
 
 Three jobs in a decode step of many rows were many small torch operations, each a pass
 over memory and a call's cost: attention once per reply (``attention``), the int8
@@ -9,24 +10,40 @@ that AOTInductor already needs builds them in about 0.3 s, into a temporary fold
 for the instruction set ``cpu.cpu_isa`` names (so ``ONEDNN_MAX_CPU_ISA=AVX2`` runs
 AVX2 code here too). Without a compiler, or where it fails, ``library`` is None and
 torch's operations serve instead (the log says so).
+
+``operators.cpp`` gives the engine's operators that a compiled step calls back
+(``chatbot::attend_rows``, ``chatbot::int8_fbgemm``) C++ kernels, so those calls need no
+Python. Built against torch's headers it takes about 10 s, so it is built once per
+torch version and source into the user's cache (``kernels/``), for every instruction set
+alike (it calls the C library's attention through a pointer), and loaded in
+milliseconds from then on. Without a C++ compiler or a cache folder to write, the
+operators' Python kernels serve (the log says so).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
+import torch
+
 from chatbot.engine.kernels.cpu import at_least
+from chatbot.settings import user_cache
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
+TORCH = Path(torch.__file__).parent
+OPERATORS = "operators.cpp"
 SOURCES = {"attention.c": [], "quantize.c": ["-ffp-contract=off"], "reorder.c": []}
 """Each source and its own flags: ``quantize.c`` must round every operation as torch
 does (no fused multiply-adds)."""
@@ -82,4 +99,61 @@ def library() -> ctypes.CDLL | None:
     for name, arguments in SIGNATURES.items():
         function = getattr(loaded, name)
         function.argtypes, function.restype = arguments, None
+    if (operators := operators_library()) is not None:
+        ctypes.CDLL(str(operators)).use_attention(ctypes.cast(loaded.attend_rows, ctypes.c_void_p))
     return loaded
+
+
+def operators_command() -> list[str] | None:
+    """The C++ compiler and the flags ``operators.cpp`` gets (torch's headers and ABI),
+    or None (no C++ compiler)."""
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        return None
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    headers = TORCH / "include"
+    return [compiler, "-O2", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-I{headers}", f"-I{headers / 'torch/csrc/api/include'}"]  # fmt: skip
+
+
+def operator(name: str) -> Callable[..., object] | None:
+    """``torch.ops.chatbot.<name>``, one of ``operators.cpp``'s own, where it is loaded."""
+    return None if library() is None else getattr(torch.ops.chatbot, name, None)
+
+
+def operators_library() -> Path | None:
+    """``operators.cpp``'s library in the user's cache, built there first if it is not
+    (one process builds, the others wait for it), or None (the log says why)."""
+    command = operators_command()
+    if command is None:
+        logger.warning("no C++ compiler: the engine's operators are Python's (slower calls)")
+        return None
+    source = HERE / OPERATORS
+    digest = hashlib.blake2b(source.read_bytes(), digest_size=12)
+    digest.update(repr([command, torch.__version__]).encode())
+    folder = Path(user_cache()) / "kernels"
+    path = folder / f"operators-{digest.hexdigest()}.so"
+    lib = TORCH / "lib"
+    link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                return path
+            with tempfile.TemporaryDirectory(dir=folder) as building:
+                built = Path(building) / OPERATORS.replace(".cpp", ".so")
+                done = subprocess.run(
+                    [*command, "-shared", str(source), *link, "-o", str(built)],
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode != 0:
+                    logger.warning("operators.cpp did not compile, Python's kernels serve: %s",
+                                   done.stderr[-2000:])  # fmt: skip
+                    return None
+                built.replace(path)
+    except OSError as error:
+        logger.warning("no cache folder for operators.cpp, Python's kernels serve: %s", error)
+        return None
+    return path

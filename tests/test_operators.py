@@ -1,0 +1,108 @@
+"""The engine's operators in C++ (``kernels/operators.cpp``, built by ``native``): a
+compiled step calls them back with no Python, and they give what their Python kernels
+(which serve without a C++ compiler) give, to the bit."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatbot.engine.kernels import attention, int8, native
+from chatbot.settings import user_cache
+
+pytestmark = [
+    pytest.mark.skipif(
+        native.operator("keep_fbgemm") is None, reason="no C++ compiler: Python kernels serve"
+    ),
+    pytest.mark.skipif(
+        "fbgemm" not in torch.backends.quantized.supported_engines, reason="torch without fbgemm"
+    ),
+]
+
+OPERATORS = ("chatbot::attend_rows", "chatbot::int8_fbgemm")
+
+
+def operator_outputs() -> list[torch.Tensor]:
+    """Each operator on the same seeded inputs (fbgemm's weights kept as on a CPU
+    without VNNI, where it multiplies int8)."""
+    generator = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 4, 16, 30, 40, generator=generator).unbind()
+    query = torch.randn(6, 16, 1, 40, generator=generator)
+    rows, lengths = torch.tensor([0, 3, 3, 1, 2, 0]), torch.tensor([1, 30, 9, 17, 8, 2])
+    weights, scales = fbgemm_weights(generator)
+    named = int8.FbgemmWeights.of(weights, scales)
+    assert named is not None
+    levels = torch.randint(-127, 128, (5, 200), generator=generator).float()
+    return [
+        attention.attend_rows(query, keys, values, rows, lengths, 0.2),
+        torch.ops.chatbot.int8_fbgemm(levels, named.name),
+    ]
+
+
+def fbgemm_weights(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = torch.randint(-63, 64, (96, 200), generator=generator, dtype=torch.int8)
+    return weights, torch.rand(96, generator=generator) + 0.01
+
+
+BY_PYTHON = """
+import sys, torch
+from chatbot.engine.kernels import int8, native
+from test_operators import operator_outputs
+int8.fbgemm_multiplies = lambda: True
+assert native.library() is not None and native.operator("keep_fbgemm") is None
+torch.save(operator_outputs(), sys.argv[1])
+"""
+
+
+def test_the_cpp_kernels_give_what_the_python_ones_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A machine whose C++ compiler fails (``CXX=false``) builds the C kernels alone and
+    serves the operators from Python: the same values."""
+    for name in OPERATORS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+    monkeypatch.setattr(int8, "fbgemm_multiplies", lambda: True)
+    by_cpp = operator_outputs()
+    saved = tmp_path / "by-python.pt"
+    env = {
+        **os.environ,
+        "CXX": "false",
+        "XDG_CACHE_HOME": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(Path(__file__).parent)]),
+    }
+    command = [sys.executable, "-c", BY_PYTHON, str(saved)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "operators.cpp did not compile, Python's kernels serve" in done.stderr
+    for cpp, python in zip(by_cpp, torch.load(saved), strict=True):
+        assert torch.equal(cpp, python)
+
+
+def test_fbgemm_weights_leave_the_cpp_kernel_with_their_layers(monkeypatch: pytest.MonkeyPatch):
+    """The C++ kernel finds a layer's weights by name while the layer lives, and lets
+    them go with it (a service that loads another model does not keep the first's)."""
+    monkeypatch.setattr(int8, "fbgemm_multiplies", lambda: True)
+    generator = torch.Generator().manual_seed(11)
+    named = int8.FbgemmWeights.of(*fbgemm_weights(generator))
+    assert named is not None
+    name, levels = named.name, torch.randint(-127, 128, (3, 200), generator=generator).float()
+    assert torch.equal(torch.ops.chatbot.int8_fbgemm(levels, name), named.product(levels))
+    del named
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no fbgemm weights named"):
+        torch.ops.chatbot.int8_fbgemm(levels, name)
+
+
+def test_the_operators_are_built_once_into_the_users_cache():
+    """About 10 s of C++ against torch's headers, once per machine, torch and source
+    (every instruction set loads the same library)."""
+    built = native.operators_library()
+    assert built is not None
+    assert built.parent == Path(user_cache()) / "kernels"
+    assert str(built) in Path("/proc/self/maps").read_text()
