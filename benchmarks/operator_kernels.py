@@ -5,17 +5,18 @@ through torch's dispatcher: attention (``chatbot::attend_rows``) twice a decoder
 and, on CPUs without VNNI, every int8 product (``chatbot::int8_fbgemm``).
 ``kernels/operators.cpp`` serves them in C++; their Python kernels (``custom_op``) serve
 where there is no C++ compiler. This times one conversation's greedy reply in the decode
-loop, with the compiled packages attached as the service attaches them, in turns:
+loop (or ``--conversations`` at once), with the compiled packages attached as the
+service attaches them, in turns:
 
 - ``cpp``: as served;
 - ``python``: the operators' Python kernels registered over the C++ ones for the round
   (then removed, which gives the C++ ones back).
 
-Both must write the same reply (checked); it prints each round's time per token and
+Both must write the same replies (checked); it prints each round's tokens a second and
 ``cpp / python``.
 
     python benchmarks/operator_kernels.py [--model .cache/bench-blenderbot-400m] \
-        [--dtype int8] [--tokens 32] [--rounds 4]
+        [--dtype int8] [--conversations 1] [--tokens 32] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -60,21 +61,23 @@ def python_kernels() -> Iterator[None]:
         library._destroy()
 
 
-def timed_reply(batcher: ContinuousBatcher, request: ChatRequest) -> tuple[ChatReply, float]:
-    """The reply and its seconds per written token."""
+def timed_wave(batcher: ContinuousBatcher, requests: list[ChatRequest]) -> tuple[list[str], float]:
+    """The replies, sent all at once, and the tokens written a second."""
 
-    async def one() -> ChatReply:
-        return await batcher.reply(request)
+    async def wave() -> list[ChatReply]:
+        return await asyncio.gather(*(batcher.reply(request) for request in requests))
 
     start = time.perf_counter()
-    reply = asyncio.run(one())
-    return reply, (time.perf_counter() - start) / reply.completion_tokens
+    replies = asyncio.run(wave())
+    seconds = time.perf_counter() - start
+    return [r.reply for r in replies], sum(r.completion_tokens for r in replies) / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / ".cache/bench-blenderbot-400m"))
     parser.add_argument("--dtype", default="int8")
+    parser.add_argument("--conversations", type=int, default=1, help="at once, in one wave")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
@@ -82,35 +85,35 @@ def main() -> None:
         raise SystemExit("operators.cpp is not built here (no C++ compiler?): nothing to compare")
     source = checkpoint_of(args.model)
     engine = asyncio.run(in_own_thread(partial(ChatEngine.load, source, "timed", dtype=args.dtype)))
-    batcher = ContinuousBatcher(engine, 1, 1)
-    request = ChatRequest(
-        messages=conversations(1)[0], max_new_tokens=args.tokens, num_beams=1, do_sample=False
-    )
+    batcher = ContinuousBatcher(engine, args.conversations, args.conversations)
+    requests = [
+        ChatRequest(messages=chat, max_new_tokens=args.tokens, num_beams=1, do_sample=False)
+        for chat in conversations(args.conversations)
+    ]
     kernels: dict[str, Callable[[], AbstractContextManager[object]]] = {
         "cpp": nullcontext,
         "python": python_kernels,
     }
-    times: dict[str, list[float]] = {name: [] for name in kernels}
-    replies: set[str] = set()
+    paces: dict[str, list[float]] = {name: [] for name in kernels}
+    written: set[tuple[str, ...]] = set()
     try:
         print(compiled(batcher, str(source), args.dtype))
         for kernel in kernels.values():  # warm: first calls allocate
             with kernel():
-                timed_reply(batcher, request)
+                timed_wave(batcher, requests)
         for _ in range(args.rounds):
             for name, kernel in kernels.items():
                 with kernel():
-                    reply, seconds = timed_reply(batcher, request)
-                replies.add(reply.reply)
-                times[name].append(seconds)
-                print(f"{name}: {seconds * 1e3:.2f} ms a token", flush=True)
+                    replies, pace = timed_wave(batcher, requests)
+                written.add(tuple(replies))
+                paces[name].append(pace)
+                print(f"{name}: {pace:.1f} tokens/s", flush=True)
     finally:
         batcher.close()
-    assert len(replies) == 1, f"the kernels wrote different replies: {replies}"
-    cpp, python = (statistics.median(times[name]) for name in kernels)
-    print(f"{args.dtype}, one conversation, median of {args.rounds} rounds: cpp {cpp * 1e3:.2f} "
-          f"ms a token ({1 / cpp:.1f} tokens/s), python {python * 1e3:.2f} ({1 / python:.1f}); "
-          f"cpp / python: {cpp / python:.2f}")  # fmt: skip
+    assert len(written) == 1, "the kernels wrote different replies"
+    cpp, python = (statistics.median(paces[name]) for name in kernels)
+    print(f"{args.dtype}, {args.conversations} at once, median of {args.rounds} rounds, tokens/s: "
+          f"cpp {cpp:.1f}, python {python:.1f}; cpp / python: {cpp / python:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
