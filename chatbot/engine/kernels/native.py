@@ -76,8 +76,9 @@ def compile_command() -> list[str] | None:
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """Every source compiled into one library and loaded, or None (no C compiler, or
-    one that failed)."""
+    """Every C source compiled into one library and loaded, then ``operators.cpp``'s
+    library (``operators_library``) handed its attention kernel; or None (no C
+    compiler, or one that failed)."""
     common = compile_command()
     if common is None:
         logger.warning("no C compiler: torch's operations serve (slower)")
@@ -128,32 +129,31 @@ def operators_library() -> Path | None:
     if command is None:
         logger.warning("no C++ compiler: the engine's operators are Python's (slower calls)")
         return None
-    source = HERE / OPERATORS
-    digest = hashlib.blake2b(source.read_bytes(), digest_size=12)
+    digest = hashlib.blake2b((HERE / OPERATORS).read_bytes(), digest_size=12)
     digest.update(repr([command, torch.__version__]).encode())
     folder = Path(user_cache()) / "kernels"
     path = folder / f"operators-{digest.hexdigest()}.so"
-    lib = TORCH / "lib"
-    link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if path.exists():
-                return path
-            with tempfile.TemporaryDirectory(dir=folder) as building:
-                built = Path(building) / OPERATORS.replace(".cpp", ".so")
-                done = subprocess.run(
-                    [*command, "-shared", str(source), *link, "-o", str(built)],
-                    capture_output=True,
-                    text=True,
-                )
-                if done.returncode != 0:
-                    logger.warning("operators.cpp did not compile, Python's kernels serve: %s",
-                                   done.stderr[-2000:])  # fmt: skip
-                    return None
-                built.replace(path)
+            return path if path.exists() else _build_operators(command, path)
     except OSError as error:
         logger.warning("no cache folder for operators.cpp, Python's kernels serve: %s", error)
         return None
-    return path
+
+
+def _build_operators(command: list[str], path: Path) -> Path | None:
+    """``operators.cpp`` compiled and linked against torch's libraries, then moved to
+    ``path`` whole (a process that finds it there loads a finished file)."""
+    lib = TORCH / "lib"
+    link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]
+    with tempfile.TemporaryDirectory(dir=path.parent) as building:
+        built = Path(building) / path.name
+        compiling = [*command, "-shared", str(HERE / OPERATORS), *link, "-o", str(built)]
+        done = subprocess.run(compiling, capture_output=True, text=True)
+        if done.returncode != 0:
+            logger.warning("operators.cpp did not compile, Python's kernels serve: %s",
+                           done.stderr[-2000:])  # fmt: skip
+            return None
+        return built.replace(path)
