@@ -99,6 +99,26 @@ def test_fbgemm_weights_leave_the_cpp_kernel_with_their_layers(monkeypatch: pyte
         torch.ops.chatbot.int8_fbgemm(levels, name)
 
 
+def test_weights_kept_again_under_their_name_outlive_the_ones_they_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A layer of the same weights loaded while the first one dies keeps its own: the
+    first one's end forgets only the weights it kept."""
+    monkeypatch.setattr(int8, "fbgemm_multiplies", lambda: True)
+    generator = torch.Generator().manual_seed(12)
+    weights, scales = fbgemm_weights(generator)
+    first, second = (int8.FbgemmWeights.of(weights, scales * k) for k in (1.0, 2.0))
+    assert first is not None
+    assert second is not None
+    levels = torch.randint(-127, 128, (2, 200), generator=generator).float()
+    torch.ops.chatbot.keep_fbgemm(first.name, second.packed)
+    torch.ops.chatbot.forget_fbgemm(first.name, first.packed)
+    assert torch.equal(torch.ops.chatbot.int8_fbgemm(levels, first.name), second.product(levels))
+    torch.ops.chatbot.forget_fbgemm(first.name, second.packed)
+    with pytest.raises(RuntimeError, match="no fbgemm weights named"):
+        torch.ops.chatbot.int8_fbgemm(levels, first.name)
+
+
 def test_the_operators_are_built_once_into_the_users_cache():
     """About 10 s of C++ against torch's headers, once per machine, torch and source
     (every instruction set loads the same library)."""

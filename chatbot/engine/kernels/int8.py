@@ -179,7 +179,7 @@ class FbgemmWeights:
         keep, forget = native.operator("keep_fbgemm"), native.operator("forget_fbgemm")
         if keep is not None and forget is not None:  # for the operator's C++ kernel
             keep(name, packed)
-            weakref.finalize(weights, forget, name).atexit = False  # the end frees them
+            weakref.finalize(weights, forget, name, packed).atexit = False  # the end frees them
         return weights
 
 

@@ -63,9 +63,13 @@ void keep_weights(const c10::OperatorHandle &, torch::jit::Stack *stack) {
     weights_named[name] = std::move(packed);
 }
 
-void forget_weights(c10::string_view name) {
+/* Only the weights given: a layer of the same weights loaded since keeps them. */
+void forget_weights(const c10::OperatorHandle &, torch::jit::Stack *stack) {
+    c10::IValue packed = torch::jit::pop(*stack);
+    std::string name = torch::jit::pop(*stack).toStringRef();
     std::lock_guard<std::mutex> hold(weights_lock);
-    weights_named.erase(std::string(name));
+    auto found = weights_named.find(name);
+    if (found != weights_named.end() && found->second.is(packed)) weights_named.erase(found);
 }
 
 /* int8.py's fbgemm_product: the levels times the named weights, by fbgemm's own operator. */
@@ -90,7 +94,7 @@ extern "C" void use_attention(AttendRows kernel) { attend_rows = kernel; }
 
 TORCH_LIBRARY_FRAGMENT(chatbot, m) {
     m.def("keep_fbgemm(str name, __torch__.torch.classes.quantized.LinearPackedParamsBase packed) -> ()");
-    m.def("forget_fbgemm(str name) -> ()");
+    m.def("forget_fbgemm(str name, __torch__.torch.classes.quantized.LinearPackedParamsBase packed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(chatbot, CPU, m) {
@@ -100,5 +104,5 @@ TORCH_LIBRARY_IMPL(chatbot, CPU, m) {
 
 TORCH_LIBRARY_IMPL(chatbot, CatchAll, m) {
     m.impl("keep_fbgemm", torch::CppFunction::makeFromBoxedFunction<&keep_weights>());
-    m.impl("forget_fbgemm", forget_weights);
+    m.impl("forget_fbgemm", torch::CppFunction::makeFromBoxedFunction<&forget_weights>());
 }
