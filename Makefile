@@ -45,11 +45,10 @@ container-tools:  ## install Debian's buildah and debootstrap for `make image` w
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; } \
 	  || echo "warning: could not install buildah/debootstrap; the image test will be skipped"; }
 
-check: install  ## lint, format, types, then the tests that start no server (under 2 minutes)
+check: install  ## lint and format, then types beside the tests that start no server (under 2 minutes)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
-	$(PY) -m pytest -m "not server"
+	VENV=$(VENV) scripts/check_alongside.sh
 
 fix: install  ## apply ruff's safe fixes and its formatting to the whole tree
 	$(VENV)/bin/ruff check --fix .
