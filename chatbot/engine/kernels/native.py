@@ -91,11 +91,9 @@ def library() -> ctypes.CDLL | None:
         ]
         shared = str(Path(folder) / "kernels.so")
         commands.append([*common, "-shared", *objects, "-o", shared])
-        for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                logger.warning("C kernels did not compile, torch serves: %s", done.stderr)
-                return None
+        failure = "C kernels did not compile, torch serves"
+        if not all(_compiles(command, failure) for command in commands):
+            return None
         loaded = ctypes.CDLL(shared)  # mapped: the file may go
     for name, arguments in SIGNATURES.items():
         function = getattr(loaded, name)
@@ -151,9 +149,15 @@ def _build_operators(command: list[str], path: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=path.parent) as building:
         built = Path(building) / path.name
         compiling = [*command, "-shared", str(HERE / OPERATORS), *link, "-o", str(built)]
-        done = subprocess.run(compiling, capture_output=True, text=True)
-        if done.returncode != 0:
-            logger.warning("operators.cpp did not compile, Python's kernels serve: %s",
-                           done.stderr[-2000:])  # fmt: skip
+        if not _compiles(compiling, "operators.cpp did not compile, Python's kernels serve"):
             return None
         return built.replace(path)
+
+
+def _compiles(command: list[str], failure: str) -> bool:
+    """Whether ``command`` succeeds; where it fails, the log says ``failure`` and the
+    end of the compiler's message (C++ template errors run to pages)."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        logger.warning("%s: %s", failure, done.stderr[-2000:])
+    return done.returncode == 0
