@@ -25,7 +25,7 @@ from opentelemetry.instrumentation import asgi as asgi_tracing
 from pydantic import BaseModel, WithJsonSchema
 from starlette.responses import JSONResponse
 
-from chatbot.engine import precision
+from chatbot.engine import precision_names
 from chatbot.engine.coalescing import Coalescer
 from chatbot.engine.errors import QueueFull
 from chatbot.engine.heap import keep_releasing_freed_memory
@@ -59,8 +59,11 @@ if TYPE_CHECKING:  # the engine proper loads transformers: the workers import it
     from chatbot.engine.streaming import ReplyStream
 
 settings = Settings.from_env()
-# Refuse what this machine cannot run, now, and set the process up for what it can.
-precision.prepare_process(precision.resolve(settings.dtype, precision.pick_device()))
+# Refuse what this machine cannot run, now, and set the process up for what it can
+# (without torch, which the supervisor would import for nothing else).
+precision_names.prepare_process(
+    precision_names.choose(settings.dtype, precision_names.gpu_present())
+)
 CONTINUOUS = settings.batching == "continuous"
 BUSY = (ServiceUnavailable, QueueFull)  # the batcher's or the decode loop's queue is full
 openai_v1 = build_openai_app(backend_errors=BUSY)

@@ -25,8 +25,8 @@ from torch.nn import functional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from chatbot.engine.cpu import cpu_isa  # noqa: E402
 from chatbot.engine.kernels.attention import attend_rows, library  # noqa: E402
-from chatbot.engine.kernels.cpu import cpu_isa  # noqa: E402
 
 SHAPES = {"blenderbot-400m": (32, 32, 40), "smollm2-135m": (9, 3, 64)}
 """Query heads, key heads, head size."""

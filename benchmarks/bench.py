@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.timing import wall_seconds  # noqa: E402
-from chatbot.engine import precision  # noqa: E402
+from chatbot.engine import precision, precision_names  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
-from chatbot.engine.kernels.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
+from chatbot.engine.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
 from chatbot.engine.plan import DecodingPlan  # noqa: E402
 from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
@@ -652,7 +652,7 @@ def main() -> None:
     max_batch = max(2, *(w.concurrency for w in workloads))  # BentoML's least
     device = precision.pick_device()
     chosen = precision.resolve(args.dtype, device)
-    precision.prepare_process(chosen)  # as the service does, before any kernel
+    precision_names.prepare_process(chosen.name)  # as the service does, before any kernel
     # transformers as it comes: float32 nn.Linear on a CPU (any other precision there
     # is one of this project's kernels), the chosen dtype on a GPU.
     stock_dtype = args.dtype if device.type == "cuda" else "float32"

@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import GREEDY_32, conversations, real_architecture_checkpoint  # noqa: E402
-from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
 from chatbot.engine.kernels import int8  # noqa: E402
@@ -70,7 +69,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
-    precision.prepare_process(precision.resolve("int8", precision.pick_device()))
     engines = {kernel: load(kernel) for kernel in KERNELS}
     chats = conversations(max(args.concurrency))
     for concurrency in args.concurrency:

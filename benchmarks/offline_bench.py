@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import RESULTS, conversations, running, service  # noqa: E402
 from benchmarks.llama_cpp import llama_server, server_binary  # noqa: E402
-from chatbot.engine.kernels.cpu import cpu_isa  # noqa: E402
+from chatbot.engine.cpu import cpu_isa  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
 
 LLAMA_CPP_RUNS = ("llama.cpp before", "llama.cpp after")

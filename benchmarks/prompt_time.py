@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import checkpoint_of  # noqa: E402
 from benchmarks.step_variants import load  # noqa: E402
-from chatbot.engine import precision  # noqa: E402
-from chatbot.engine.kernels.cpu import at_least  # noqa: E402
+from chatbot.engine import precision, precision_names  # noqa: E402
+from chatbot.engine.cpu import at_least  # noqa: E402
 from chatbot.engine.kernels.int4 import four_bits_throughout  # noqa: E402
 from chatbot.engine.own_thread import in_own_thread  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> None:
     if not at_least("avx512_core_bf16"):
         raise SystemExit("no native bfloat16 here (AVX512_BF16, AMX): int4 prompts stay 4-bit")
     chosen = precision.resolve("int4", torch.device("cpu"))
-    precision.prepare_process(chosen)
+    precision_names.prepare_process(chosen.name)
     model = load(checkpoint_of(args.model), chosen, fuse=True)
     print("int4 prompt pass, median ms of", args.rounds)
     with torch.inference_mode():

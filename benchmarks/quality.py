@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from chatbot.engine import precision  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.continuous import ContinuousBatcher  # noqa: E402
+from chatbot.engine.cpu import at_least, cpu_isa  # noqa: E402
 from chatbot.engine.kernels import (  # noqa: E402
     BFloat16Linear,
     Int4Linear,
@@ -46,7 +47,6 @@ from chatbot.engine.kernels import (  # noqa: E402
     RescoredBFloat16Linear,
     RescoredInt8Linear,
 )
-from chatbot.engine.kernels.cpu import at_least, cpu_isa  # noqa: E402
 from chatbot.engine.kernels.int4 import four_bits_throughout  # noqa: E402
 from chatbot.models.checkpoint import fingerprint, save_checkpoint  # noqa: E402
 from chatbot.models.offline_model import offline_model_path  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import conversations  # noqa: E402
 from benchmarks.quality import checkpoint_of  # noqa: E402
-from chatbot.engine import kernels, precision  # noqa: E402
+from chatbot.engine import kernels, precision, precision_names  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.llama_step import LlamaStep  # noqa: E402
 from chatbot.engine.model_step import DecoderOnlyStep, ModelStep  # noqa: E402
@@ -84,7 +84,8 @@ def main() -> None:
     path = checkpoint_of(args.model)
     served = precision.resolve(args.dtype, torch.device("cpu"))
     baseline = replace(served, head=getattr(kernels, args.baseline_head))
-    precision.prepare_process(baseline)  # the baseline as it was served (bfloat16: no AMX)
+    # The baseline as it was served (bfloat16: no AMX).
+    precision_names.prepare_process(baseline.name)
     engine = ChatEngine.load(path, "prompts", dtype="float32", pack_weights=False)
     chats = conversations(max(args.rows))
     prompts = [list(engine.encode(ChatRequest(messages=chat)).input_ids) for chat in chats]

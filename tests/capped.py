@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chatbot.engine.kernels.cpu import LEVELS, cpu_flags, level_of
+from chatbot.engine.cpu import LEVELS, cpu_flags, level_of
 
 HERE = Path(__file__).parent
 

@@ -14,6 +14,7 @@ import sys
 import torch
 from torch import nn
 
+from chatbot.engine.cpu import cpu_isa, run_without_amx
 from chatbot.engine.kernels import (
     BFloat16Linear,
     Float32Linear,
@@ -25,8 +26,6 @@ from chatbot.engine.kernels import (
     RescoredInt8Linear,
 )
 from chatbot.engine.kernels.attention import attend_rows
-from chatbot.engine.kernels.bfloat16 import run_without_amx
-from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.kernels.int8 import absmax_scales, weight_range
 from chatbot.engine.kernels.native import isa_flags
 

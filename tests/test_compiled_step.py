@@ -35,8 +35,8 @@ from chatbot.engine.compiled_step import (
     verified,
 )
 from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.cpu import at_least
 from chatbot.engine.encoder_decoder_step import EncoderDecoderStep
-from chatbot.engine.kernels.cpu import at_least
 from chatbot.engine.llama_step import LlamaStep
 from chatbot.schemas import ChatReply
 

@@ -19,8 +19,8 @@ from test_engine import PROMPTS, request
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.cpu import at_least
 from chatbot.engine.errors import QueueFull
-from chatbot.engine.kernels.cpu import at_least
 from chatbot.engine.scheduler import RELEASE_AFTER_IDLE_S, Job
 from chatbot.schemas import ChatReply, ChatRequest
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.engine.continuous import ContinuousBatcher
+from chatbot.engine.cpu import LEVELS, WITHOUT_AMX, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels import (
     BFloat16Linear,
     Float32Linear,
@@ -27,8 +28,6 @@ from chatbot.engine.kernels import (
     replace_linear_layers,
     skip_redundant_rows,
 )
-from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX
-from chatbot.engine.kernels.cpu import LEVELS, at_least, capped, cpu_flags, cpu_isa, level_of
 from chatbot.engine.kernels.fused import ProjectionPart, SharedProduct, fuse_projections
 from chatbot.engine.kernels.int4 import dequantize_groups, four_bits_throughout, quantize_groups
 from chatbot.engine.kernels.int8 import absmax_scales, quantize_rows, scale_rows, weight_range

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chatbot.engine import precision
-from chatbot.engine.kernels.cpu import at_least
+from chatbot.engine.cpu import at_least
 from chatbot.engine.llama_step import LlamaStep
 from chatbot.engine.model_step import DecoderOnlyStep, ModelStep
 

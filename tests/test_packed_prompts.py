@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from chatbot.engine import model_step, precision
+from chatbot.engine.cpu import at_least
 from chatbot.engine.encoder_decoder_step import EncoderDecoderStep
-from chatbot.engine.kernels.cpu import at_least
 from chatbot.engine.model_step import DecoderOnlyStep, packed_prompts
 
 PROMPTS = [[5, 9, 13, 2], [7, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19], [4], [21, 22, 23]]

@@ -7,20 +7,23 @@ int8 and bfloat16 models included (bfloat16 where the CPU has AVX-512).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import Served
+from conftest import ROOT, Served
 from torch import nn
 from transformers import PretrainedConfig
 
-from chatbot.engine import precision
+from chatbot.engine import precision, precision_names
 from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.cpu import at_least, cpu_isa
 from chatbot.engine.kernels import BFloat16Linear, PackedLinear, attention
-from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
 
@@ -48,8 +51,33 @@ def test_auto_serves_a_4_bit_gguf_in_4_bits():
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_integer_precisions_are_refused_on_a_gpu(dtype: str):
-    with pytest.raises(precision.UnsupportedPrecision, match=f"{dtype} is a CPU precision"):
+    with pytest.raises(precision_names.UnsupportedPrecision, match=f"{dtype} is a CPU precision"):
         precision.resolve(dtype, torch.device("cuda"))
+
+
+SUPERVISOR = """
+import sys
+import service
+assert "torch" not in sys.modules, "service.py imported torch"
+from chatbot.engine import precision_names
+try:
+    precision_names.choose("bfloat16", on_gpu=False)
+except precision_names.UnsupportedPrecision as refused:
+    print(refused)
+assert "torch" not in sys.modules, "the refusal imported torch"
+"""
+
+
+def test_the_supervisor_checks_the_precision_without_torch():
+    """``bentoml serve``'s supervisor imports service.py, which checks CHATBOT_DTYPE:
+    torch would cost it 2.7 s of CPU at every start, and the check needs none."""
+    done = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "CHATBOT_DTYPE": "float32"}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = not at_least("avx512_core")
+    assert ("bfloat16 needs a CPU with AVX-512" in done.stdout) is refused
 
 
 def test_a_misspelt_dtype_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch):

@@ -30,10 +30,10 @@ from transformers import (
 )
 
 from chatbot.engine import precision, stop_texts
+from chatbot.engine.cpu import cpu_isa
 from chatbot.engine.decoding import Decoding, ExtraRules, start_decoding
 from chatbot.engine.families import detect_family
 from chatbot.engine.kernels import attention, skip_redundant_rows
-from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.model_step import PER_REPLY, ModelStep
 from chatbot.engine.penalties import FrequencyPresencePenalty
 from chatbot.engine.plan import DecodingPlan, model_defaults, options_error, resolve_plan

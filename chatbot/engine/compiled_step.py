@@ -71,8 +71,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedModel
 
+from chatbot.engine.cpu import cpu_isa
 from chatbot.engine.kernels import attention
-from chatbot.engine.kernels.cpu import cpu_isa
 from chatbot.engine.kernels.rescored import Rescored
 from chatbot.engine.kernels.rows import PackedLinear
 from chatbot.engine.model_step import ModelStep, OneRowCompilable

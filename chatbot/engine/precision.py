@@ -9,7 +9,6 @@ cache stay float32. On a GPU the whole model is cast.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,14 +23,11 @@ from chatbot.engine.kernels import (
     RescoredInt8Linear,
     replace_linear_layers,
 )
-from chatbot.engine.kernels.bfloat16 import WITHOUT_AMX, run_without_amx
-from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.fused import fuse_projections
+from chatbot.engine.precision_names import choose, gpu_present
 
 if TYPE_CHECKING:  # the service's supervisor checks the precision without transformers
     from transformers import PretrainedConfig, PreTrainedModel
-
-logger = logging.getLogger(__name__)
 
 LM_HEAD = frozenset({"lm_head"})
 """The layer a precision's body kernel leaves to its head kernel. The LM head decides
@@ -42,10 +38,6 @@ layers together). So ``int4`` and ``int8`` read it in int8 and compute each row'
 candidates again in float32 (``RescoredInt8Linear``): float32's logits where decoding
 looks, at a quarter of the bytes, and fast at 32 rows too (ATen's int4 kernel is not).
 float32 and bfloat16 keep a float32 head."""
-
-
-class UnsupportedPrecision(ValueError):
-    """The device cannot run the precision asked for; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +73,7 @@ def stored_in_four_bits(config: PretrainedConfig) -> bool:
 
 def pick_device() -> torch.device:
     """The GPU when there is one: the engine loads every model there."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if gpu_present() else "cpu")
 
 
 def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> Precision:
@@ -97,7 +89,7 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     natively with AVX512_BF16: perplexity +0.1%, 1.4-1.6x float32's served speed (a
     2-core EPYC); float32 on CPUs where bfloat16 is emulated, and on CPUs with AMX,
     where bfloat16 must run below AMX to keep replies batch-invariant
-    (``run_without_amx``) and float32 then measured faster (a 2-core Xeon, the 400M
+    (``cpu.run_without_amx``) and float32 then measured faster (a 2-core Xeon, the 400M
     model served: 3.87 replies/s against 2.73 at 32 clients, 0.56 against 0.58 at 1).
     int8 is faster than bfloat16 but measured +3.3% perplexity, with greedy replies
     leaving float32's after 8 tokens on average: it is there to be asked for, as int4
@@ -105,56 +97,12 @@ def resolve(name: str, device: torch.device, four_bit_source: bool = False) -> P
     On a GPU ``auto`` is bfloat16 where the GPU has it natively (float32's range, so no
     overflow; half the memory traffic per decode step), float16 on older GPUs.
     """
-    if device.type == "cuda":
-        return _on_gpu(name)
-    if name == "auto":
-        name = _auto_on_cpu(four_bit_source)
-    precision = CPU_PRECISIONS[name]
-    if precision.kernel is BFloat16Linear:
-        _check_bfloat16()
-    return precision
-
-
-def prepare_process(precision: Precision) -> None:
-    """What this process must do before its first kernel to serve ``precision``: cap
-    oneDNN below AMX for the bfloat16 kernels (``run_without_amx``). The service calls
-    it; it changes the process's environment, which its children inherit."""
-    if any(issubclass(k, BFloat16Linear) for k in (precision.kernel, precision.head) if k):
-        run_without_amx()
-
-
-def _auto_on_cpu(four_bit_source: bool) -> str:
-    if four_bit_source:
-        return "int4"
-    return "bfloat16" if cpu_isa() == WITHOUT_AMX else "float32"
-
-
-def _on_gpu(name: str) -> Precision:
-    if name in ("int8", "int4"):
-        raise UnsupportedPrecision(
-            f"CHATBOT_DTYPE={name} is a CPU precision; on a GPU use bfloat16, float16 or auto"
-        )
-    if name == "auto":
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        name = "bfloat16" if native_bf16 else "float16"
-    return Precision(name, getattr(torch, name))
-
-
-def _check_bfloat16() -> None:
-    """oneDNN packs bfloat16 weights from AVX-512 (BW, VL, DQ) on, and multiplies them
-    natively with AVX512_BF16 or AMX; in between it emulates, about 5x slower."""
-    isa = cpu_isa() or "older than avx2"
-    if not at_least("avx512_core"):
-        raise UnsupportedPrecision(
-            f"CHATBOT_DTYPE=bfloat16 needs a CPU with AVX-512 (this one runs {isa}); "
-            "use float32 or int8"
-        )
-    if not at_least("avx512_core_bf16"):
-        logger.warning(
-            "CHATBOT_DTYPE=bfloat16 on %s: no AVX512_BF16 or AMX, so oneDNN emulates "
-            "bfloat16 (about 5x slower than native); float32 or int8 will be faster",
-            isa,
-        )
+    chosen = choose(name, device.type == "cuda", four_bit_source)
+    return (
+        Precision(chosen, getattr(torch, chosen))
+        if device.type == "cuda"
+        else CPU_PRECISIONS[chosen]
+    )
 
 
 def apply(

@@ -3,7 +3,7 @@
 A kernel is a ``PackedLinear`` subclass (``rows``): built from an ``nn.Linear`` once at
 load (pack, quantize), then called like the layer it replaces, float32 in and out.
 Model code never asks which one runs. ``chatbot.engine.precision`` picks one per
-``CHATBOT_DTYPE`` and checks it against the CPU (``cpu``).
+``CHATBOT_DTYPE`` and checks it against the CPU (``chatbot.engine.cpu``).
 
 | kernel | weights | activations |
 |---|---|---|

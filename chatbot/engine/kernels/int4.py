@@ -46,8 +46,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from chatbot.engine.cpu import at_least
 from chatbot.engine.kernels.bfloat16 import BFloat16Linear
-from chatbot.engine.kernels.cpu import at_least
 from chatbot.engine.kernels.rows import PackedLinear
 
 GROUP = 32

@@ -46,8 +46,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from chatbot.engine.cpu import at_least, cpu_isa
 from chatbot.engine.kernels import native
-from chatbot.engine.kernels.cpu import at_least, cpu_isa
 from chatbot.engine.kernels.rows import BATCH_HINT, PackedLinear
 
 _TINY = torch.finfo(torch.float32).tiny

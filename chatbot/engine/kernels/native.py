@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from chatbot.engine.kernels.cpu import at_least
+from chatbot.engine.cpu import at_least
 from chatbot.settings import user_cache
 
 logger = logging.getLogger(__name__)

@@ -86,3 +86,24 @@ def cpu_isa() -> str | None:
 def at_least(level: str) -> bool:
     isa = cpu_isa()
     return isa is not None and LEVELS.index(isa) >= LEVELS.index(level)
+
+
+WITHOUT_AMX = "avx512_core_bf16"
+
+
+def run_without_amx() -> None:
+    """Cap this process's oneDNN below AMX, where bfloat16 products depend on the rows
+    beside them.
+
+    On a Xeon with AMX, oneDNN multiplies up to 32 rows with AVX512_BF16 and more with
+    AMX tiles, which sum in another order; for 5120 inputs the result of a row kept
+    changing up to 233 rows. A reply would then differ with what shares its batch.
+    Capped at AVX512_BF16 every row count agrees (as on CPUs without AMX), at the
+    cost of AMX's speed on large batches (128 rows: 2.2 ms instead of 14 for a
+    1280x5120 layer). oneDNN reads the cap once, at its first kernel: the service calls
+    this (through ``precision_names.prepare_process``) before it loads the model. int8 keeps AMX:
+    its integer sums are exact, whatever the kernel.
+    """
+    if cpu_isa() == "avx512_core_amx":
+        os.environ["ONEDNN_MAX_CPU_ISA"] = WITHOUT_AMX.upper()
+        cpu_isa.cache_clear()
