@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 CPU_ONLY = frozenset({"int8", "int4"})
 """Precisions of the engine's own CPU kernels, which have no GPU counterpart."""
 
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
-"""NVIDIA's and AMD's (ROCm) driver nodes: without one, torch finds no GPU either."""
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+"""NVIDIA's, AMD's (ROCm) and WSL2's GPU driver nodes: without one, torch finds no GPU
+either."""
 
 
 class UnsupportedPrecision(ValueError):
