@@ -126,3 +126,21 @@ def test_the_operators_are_built_once_into_the_users_cache():
     assert built is not None
     assert built.parent == Path(user_cache()) / "kernels"
     assert str(built) in Path("/proc/self/maps").read_text()
+
+
+def test_the_cache_keeps_the_libraries_used_last(tmp_path: Path):
+    """Each source or torch change builds another library; the oldest go (the one in
+    use was touched when it was found)."""
+    for age, name in enumerate(["a", "b", "c", "d", "e"]):
+        library = tmp_path / f"operators-{name}.so"
+        library.write_bytes(b"")
+        os.utime(library, (1e9 - age * 100, 1e9 - age * 100))  # "a" used last
+    (tmp_path / ".lock").write_text("")
+    native.prune_libraries(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock", "operators-a.so", "operators-b.so", "operators-c.so",
+    ]  # fmt: skip
+    in_use = native.operators_library()
+    assert in_use is not None
+    newest = max(in_use.parent.glob("operators-*.so"), key=lambda p: p.stat().st_mtime)
+    assert newest == in_use

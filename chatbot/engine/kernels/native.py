@@ -135,10 +135,27 @@ def operators_library() -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return path if path.exists() else _build_operators(command, path)
+            if path.exists():
+                path.touch()  # used: the last to go (``prune_libraries``)
+                return path
+            prune_libraries(folder, KEPT_LIBRARIES - 1)
+            return _build_operators(command, path)
     except OSError as error:
         logger.warning("no cache folder for operators.cpp, Python's kernels serve: %s", error)
         return None
+
+
+KEPT_LIBRARIES = 4
+"""Builds of ``operators.cpp`` the cache keeps (150 KB each): every source or torch
+change builds another, and a few venvs on other torch versions may share the cache."""
+
+
+def prune_libraries(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` libraries of ``folder`` used last. A process that
+    has one loaded keeps its mapping: the file is only unlinked."""
+    libraries = sorted(folder.glob("operators-*.so"), key=lambda p: p.stat().st_mtime)
+    for old in libraries[: max(len(libraries) - keep, 0)]:
+        old.unlink(missing_ok=True)
 
 
 def _build_operators(command: list[str], path: Path) -> Path | None:
