@@ -186,6 +186,7 @@ class Chatbot:
                     settings.dtype,
                     settings.pack_weights,
                     Path(settings.compile_cache),
+                    settings.compile_batches,
                 )
         return engine
 

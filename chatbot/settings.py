@@ -137,6 +137,7 @@ class Settings:
     dtype: str
     attention: str
     compile_step: bool
+    compile_batches: bool
     compile_cache: str
     max_concurrency: int
     max_body_bytes: int
@@ -168,6 +169,7 @@ class Settings:
             dtype=_choice("CHATBOT_DTYPE", "auto", DTYPE_CHOICES),
             attention=_choice("CHATBOT_ATTENTION", "auto", ATTENTION_CHOICES),
             compile_step=_bool("CHATBOT_COMPILE_STEP", True),
+            compile_batches=_bool("CHATBOT_COMPILE_BATCHES", True),
             compile_cache=os.environ.get("CHATBOT_COMPILE_CACHE", "").strip()
             or default_compile_cache(),
             max_concurrency=_int("CHATBOT_MAX_CONCURRENCY", 64, least=1),

@@ -127,10 +127,16 @@ def test_stop_keeps_what_was_written_and_the_service_stops_writing(make_run, bro
 def test_one_conversation_runs_compiled_after_a_first_start_and_answers_alike(make_run):
     """The first start compiles the one-row step in the background while the eager
     step serves (``compiled_step``); once it is in, a conversation alone (the one-row
-    package) gets the reply two at once get (a batch's package), to the token."""
+    package) gets the reply two at once get (the eager batch step: the batch layers
+    are not built, ``CHATBOT_COMPILE_BATCHES=false``), to the token."""
     wait_for(lambda: decode_step(make_run.url) != "compiling", "the compile", timeout_s=480)
     assert decode_step(make_run.url) == "compiled"
-    assert "one-row step compiled" in make_run.log.read_text()
+    log = make_run.log.read_text()
+    assert "one-row step compiled" in log
+    assert "batches compiled" not in log
+    packages = [path.name for path in (make_run.log.parent / "compiled-steps").iterdir()]
+    assert packages
+    assert not [name for name in packages if name.endswith("-batch.pt2")]
     question = [{"role": "user", "content": "Tell me about the sea."}]
     ask = {"messages": question, "max_new_tokens": 48, "do_sample": False}
     with httpx.Client(base_url=make_run.url, timeout=120) as client:

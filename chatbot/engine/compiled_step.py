@@ -186,9 +186,12 @@ def sums_exactly(layers: nn.Module) -> bool:
     return bool(products) and all(getattr(m, "sums_exactly", False) for m in products)
 
 
-def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> None:
-    """Load the model as the service does, export its one-row layers and compile them
-    into ``package`` (written whole or not at all)."""
+def build(
+    source: str | Path, dtype: str, pack_weights: bool, package: Path, with_batches: bool
+) -> None:
+    """Load the model as the service does, export its one-row layers (and its batch
+    layers, ``with_batches``) and compile them into ``package`` (written whole or not
+    at all; the batch layers' beside it, ``batch_package``)."""
     from chatbot.engine.chat_engine import ChatEngine  # the service's own loading
 
     engine = ChatEngine.load(source, "compiled step", pack_weights=pack_weights, dtype=dtype)
@@ -201,7 +204,7 @@ def build(source: str | Path, dtype: str, pack_weights: bool, package: Path) -> 
     autotune = sums_exactly(step.decoder_layers())
     if head is not None:  # first: the layers' package, written last, says all are done
         compile_into(head_package(package), export_head(head), autotune=True)
-    if batches(step):
+    if with_batches and batches(step):
         compile_into(batch_package(package), export_batch(step), autotune=autotune)
     compile_into(package, export(step), autotune=autotune)
 
@@ -302,14 +305,17 @@ def attach(
     dtype: str,
     pack_weights: bool,
     cache: Path,
+    with_batches: bool = True,
     niceness: int = BUILD_NICENESS,
 ) -> str:
-    """Give ``step`` its compiled one-row layers, building the package first (in a
-    subprocess, at ``niceness``) if ``cache`` has none for this model and machine; what
-    happened, in words."""
+    """Give ``step`` its compiled one-row layers, and its batch layers ``with_batches``
+    where batches compile (``batches``), building the packages first (in a subprocess,
+    at ``niceness``) if ``cache`` lacks one for this model and machine; what happened,
+    in words."""
     package = cache / package_name(step.compiled_name, source, dtype, pack_weights)
+    with_batches = with_batches and batches(step)
     started = time.perf_counter()
-    if package.exists():
+    if package.exists() and (batch_package(package).exists() or not with_batches):
         package.touch()  # used: the last to go (``prune``)
     else:
         prune(cache, KEPT_PACKAGES - 1)
@@ -321,6 +327,7 @@ def attach(
             dtype,
             str(pack_weights),
             str(package),
+            str(with_batches),
             str(niceness),
         ]
         try:
@@ -344,7 +351,7 @@ def attach(
         if not head_verified(head, head_runner):
             return f"{head_package(package)} does not give the eager head's values: not used"
         head.one_row = head_runner
-    batched = _attach_batch(step, batch_package(package)) if batches(step) else ""
+    batched = _attach_batch(step, batch_package(package)) if with_batches else ""
     step.one_row = compiled  # last: ``Compilation`` says "compiled" once all is in
     ready = time.perf_counter() - started
     return f"one-row step compiled ({package.name}, ready in {ready:.1f} s){batched}"
@@ -398,7 +405,12 @@ class Compilation:
 
 
 def attach_in_background(
-    step: ModelStep, source: str | Path, dtype: str, pack_weights: bool, cache: Path
+    step: ModelStep,
+    source: str | Path,
+    dtype: str,
+    pack_weights: bool,
+    cache: Path,
+    with_batches: bool = True,
 ) -> Compilation:
     """``attach`` in a thread of its own, for a step that compiles, on the CPU, while
     the step serves eagerly; it logs what happened."""
@@ -407,7 +419,7 @@ def attach_in_background(
 
     def attach_and_say() -> None:
         try:
-            logger.info(attach(step, source, dtype, pack_weights, cache))
+            logger.info(attach(step, source, dtype, pack_weights, cache, with_batches))
         except Exception:  # the eager step serves on; say why the compiled one won't
             logger.exception("the one-row step could not be compiled; the eager step serves")
 
@@ -417,6 +429,6 @@ def attach_in_background(
 
 
 if __name__ == "__main__":
-    source, dtype, pack, target, niceness = sys.argv[1:]
+    source, dtype, pack, target, with_batches, niceness = sys.argv[1:]
     os.nice(int(niceness))
-    build(source, dtype, pack == "True", Path(target))
+    build(source, dtype, pack == "True", Path(target), with_batches == "True")
