@@ -45,7 +45,7 @@ def log_lines(served: Served) -> list[dict]:
     return [json.loads(line) for line in lines if line.startswith('{"event": "request"')]
 
 
-def logged(served: Served, request_id: str, timeout_s: float = 10) -> dict:
+def logged(served: Served, request_id: str, timeout_s: float = 60) -> dict:
     """The log line of one request (written just after its response is sent)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
