@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_MODEL = "facebook/blenderbot-400M-distill"
 
@@ -28,6 +30,13 @@ def user_cache() -> str:
     """The project's folder in the user's cache folder (``XDG_CACHE_HOME``, ``~/.cache``)."""
     base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
     return os.path.join(base, "chatbot")
+
+
+def used_longest_ago(paths: Iterable[Path], keep: int) -> list[Path]:
+    """All of ``paths`` but the ``keep`` used last (touched when used): what a cache
+    in ``user_cache`` deletes so that it does not grow with every upgrade."""
+    by_use = sorted(paths, key=lambda path: path.stat().st_mtime, reverse=True)
+    return by_use[keep:]
 
 
 def default_compile_cache() -> str:

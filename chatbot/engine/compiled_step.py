@@ -76,6 +76,7 @@ from chatbot.engine.kernels import attention
 from chatbot.engine.kernels.rescored import Rescored
 from chatbot.engine.kernels.rows import PackedLinear
 from chatbot.engine.model_step import ModelStep, OneRowCompilable
+from chatbot.settings import used_longest_ago
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +235,8 @@ def prune(cache: Path, keep: int) -> None:
     """Delete all but the ``keep`` packages of ``cache`` used last (with their head's
     and batch's), so that it does not grow with every upgrade."""
     named = re.compile(r"-one-row-[0-9a-f]{16}\.pt2$")  # ``package_name``'s
-    layers = sorted(
-        (path for path in cache.glob("*.pt2") if named.search(path.name)),
-        key=lambda path: path.stat().st_mtime,
-        reverse=True,
-    )
-    for package in layers[keep:]:
+    layers = (path for path in cache.glob("*.pt2") if named.search(path.name))
+    for package in used_longest_ago(layers, keep):
         for file in (head_package(package), batch_package(package), package):
             file.unlink(missing_ok=True)
 

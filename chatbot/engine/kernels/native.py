@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from chatbot.engine.cpu import at_least
-from chatbot.settings import user_cache
+from chatbot.settings import used_longest_ago, user_cache
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,7 @@ change builds another, and a few venvs on other torch versions may share the cac
 def prune_libraries(folder: Path, keep: int) -> None:
     """Delete all but the ``keep`` libraries of ``folder`` used last. A process that
     has one loaded keeps its mapping: the file is only unlinked."""
-    libraries = sorted(folder.glob("operators-*.so"), key=lambda p: p.stat().st_mtime)
-    for old in libraries[: max(len(libraries) - keep, 0)]:
+    for old in used_longest_ago(folder.glob("operators-*.so"), keep):
         old.unlink(missing_ok=True)
 
 
