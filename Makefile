@@ -91,7 +91,7 @@ image: install  ## `bentoml containerize` the Bento: with Docker if an engine ru
 	  $(MAKE) -s --no-print-directory container-tools && \
 	  base=$$(scripts/build_base_image.sh) && echo "no Docker engine: buildah on $$base" && \
 	  bento=$$($(MAKE) -s --no-print-directory bento BENTOFILE=deploy/bentofile.local-image.yaml) && \
-	  STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot \
+	  BUILDAH_ISOLATION=chroot BUILDAH_LAYERS=true \
 	    $(BENTOML) containerize $$bento --backend buildah -t localhost/$$bento; \
 	fi
 

@@ -7,7 +7,7 @@
 #   scripts/build_base_image.sh [IMAGE]      (default localhost/chatbot-base:bookworm)
 set -euo pipefail
 IMAGE=${1:-localhost/chatbot-base:bookworm}
-export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 
 if buildah inspect --type image "$IMAGE" >/dev/null 2>&1; then
     echo "$IMAGE"

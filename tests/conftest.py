@@ -501,7 +501,8 @@ def bench_run(background: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathF
 
 # --- the container image -------------------------------------------------------------------
 
-CONTAINER_ENV = {"STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
+# As ``make image``: each step's layer kept, so a rebuild reuses what did not change.
+CONTAINER_ENV = {"BUILDAH_ISOLATION": "chroot", "BUILDAH_LAYERS": "true"}
 
 
 @dataclass(frozen=True)
@@ -527,7 +528,22 @@ def build_image(checkpoint: Path, home: Path) -> BuiltImage:
         env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    remove_images_but(image, env)
     return BuiltImage(image, env)
+
+
+def remove_images_but(image: str, env: dict[str, str]) -> None:
+    """Every other build of ``image``'s repository: ``image`` stays, since removing it
+    would remove the layers the next build reuses (CONTAINER_ENV); each earlier one
+    holds only what its own Bento added on top of them."""
+    repository = image.split(":")[0]
+    listed = subprocess.run(
+        ["buildah", "images", "--format", "{{.Name}}:{{.Tag}}"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    others = [name for name in listed if name.split(":")[0] == repository and name != image]
+    if others:
+        subprocess.run(["buildah", "rmi", *others], env=env, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -626,6 +642,7 @@ LANES = ("shared-servers", "own-processes")
 OWN_PROCESS_MODULES = frozenset(
     {
         "test_bench.py",
+        "test_compiled_step.py",  # its one server test builds packages in a subprocess
         "test_deploy.py",
         "test_import_model.py",
         "test_offline_model.py",
