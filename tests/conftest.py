@@ -653,8 +653,16 @@ OWN_PROCESS_MODULES = frozenset(
 )
 
 
-def lane_of(item: pytest.Item) -> str:
-    return "own-processes" if item.path.name in OWN_PROCESS_MODULES else "shared-servers"
+def lane_of(module: Path) -> str:
+    return "own-processes" if module.name in OWN_PROCESS_MODULES else "shared-servers"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """A lane collects its own modules only: importing the other lane's (schemathesis,
+    Streamlit's test harness, the deployment schemas) cost each lane seconds of CPU."""
+    lane = config.getoption("lane")
+    module = collection_path.name.startswith("test_") and collection_path.suffix == ".py"
+    return True if lane and module and lane_of(collection_path) != lane else None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -675,16 +683,11 @@ def uses_a_server(item: pytest.Item) -> bool:
     )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the ``server`` layer (every test that needs a real process of its own: a
-    browser test too, or one given a parameter named after a server fixture), keep only
-    ``--lane``'s tests when given, and run tests marked ``last`` last, the others in
-    their order."""
+    browser test too, or one given a parameter named after a server fixture), and run
+    tests marked ``last`` last, the others in their order."""
     for item in items:
         if uses_a_server(item):
             item.add_marker(pytest.mark.server)
-    if lane := config.getoption("lane"):
-        other = [item for item in items if lane_of(item) != lane]
-        config.hook.pytest_deselected(items=other)
-        items[:] = [item for item in items if lane_of(item) == lane]
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)

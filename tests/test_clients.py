@@ -14,7 +14,6 @@ import openai
 import pytest
 import requests
 from conftest import Served, batch_sizes, wait_for
-from langchain_openai import ChatOpenAI
 from test_generation_options import forward_logprobs
 
 from chatbot.engine.chat_engine import ChatEngine
@@ -192,6 +191,10 @@ def test_completions_continue_text_whole_streamed_echoed_with_logprobs(url):
 
 
 def test_langchain_invokes_streams_and_batches_with_stop_and_seed(served):
+    # Imported here: at collection, which every pytest process (make check's too)
+    # does for every module, LangChain took 3 s.
+    from langchain_openai import ChatOpenAI
+
     llm = ChatOpenAI(
         base_url=f"{served.url}/v1", api_key="unused", model="any", max_tokens=16,
         temperature=0, max_retries=0, extra_body={"num_beams": 1},
