@@ -40,9 +40,7 @@ import httpx
 from devtools.processes import free_port, process_tree, stop_tree, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENTS = 6  # steady load: this many clients a route, each pausing THINK_S after each reply
-THINK_S = 0.5  # about 20 requests a second in all, ~0.8 of a core on the tiny model; clients
-# that never paused kept both cores busy, so a restart measured the machine, not the drill
+CLIENTS = 6  # steady load: this many clients a route, each sending its next request at once
 ROUTES = ("retrying", "plain")  # the balancer's two policies (HAPROXY_CONFIG)
 REQUEST = {"messages": [{"role": "user", "content": "are you still there?"}],
            "num_beams": 1, "max_new_tokens": 24}  # fmt: skip
@@ -281,7 +279,6 @@ class SteadyLoad:
                 except httpx.HTTPError as error:
                     status, replica = type(error).__name__, ""
                 self.drill.outcomes.append(Outcome(start, time.monotonic(), status, route, replica))
-                await asyncio.sleep(THINK_S)
 
     def stop(self) -> None:
         self.stopping.set()
