@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 from conftest import import_model, offline_env
 
+from chatbot.models.checkpoint import gguf_parsed_once, gguf_weight_format
 from chatbot.settings import DEFAULT_MODEL, store_name_for
 
 
@@ -42,3 +45,22 @@ def test_store_names(tmp_path: Path):
     assert store_name_for(hub_id) == "facebook--blenderbot-400m-distill"
     (tmp_path / "My Model").mkdir()
     assert store_name_for(f"{tmp_path}/My Model/") == "my-model"
+
+
+def test_a_gguf_file_is_parsed_once_while_importing_and_gguf_is_left_as_it_was(tmp_path: Path):
+    """What transformers' GGUF loader and ``gguf_weight_format`` read meanwhile comes
+    from one parse (``gguf_parsed_once``); afterwards gguf parses afresh again."""
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader
+    with gguf_parsed_once():
+        parsed = gguf.GGUFReader(str(path))  # as transformers asks for it
+        assert gguf.GGUFReader(str(path)) is parsed
+        assert gguf_weight_format(path) == "F32"
+    assert gguf.GGUFReader is reader
+    assert gguf.GGUFReader(str(path)) is not parsed
