@@ -16,6 +16,7 @@ from pathlib import Path
 
 import bentoml
 
+from chatbot.engine.gc_freeze import frozen_after_loading
 from chatbot.models.checkpoint import CheckpointUnavailable, fingerprint, save_checkpoint
 from chatbot.models.offline_model import RECOMMENDED_DECODING, is_offline_model, note_for
 from chatbot.settings import Settings
@@ -44,7 +45,8 @@ def ensure_model(settings: Settings) -> bentoml.Model:
 
 def main() -> int:
     try:
-        model = ensure_model(Settings.from_env())
+        with frozen_after_loading():  # a short life: what it loads lives to the end
+            model = ensure_model(Settings.from_env())
     except CheckpointUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

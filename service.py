@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from chatbot.engine import precision_names
 from chatbot.engine.coalescing import Coalescer
 from chatbot.engine.errors import QueueFull
+from chatbot.engine.gc_freeze import frozen_after_loading
 from chatbot.engine.heap import keep_releasing_freed_memory
 from chatbot.engine.own_thread import in_own_thread
 from chatbot.http.admission import Admission, Limits, busy_response
@@ -160,6 +161,10 @@ class Chatbot:
         )
 
     def _load(self) -> ChatEngine:
+        with frozen_after_loading():  # the engine's imports and weights: never garbage
+            return self._load_engine()
+
+    def _load_engine(self) -> ChatEngine:
         # Imported here, in the workers: `bentoml serve`'s supervisor imports this file
         # only to read the service, and transformers would cost it 3 s of CPU and 110 MB.
         from chatbot.engine.chat_engine import ChatEngine

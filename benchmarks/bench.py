@@ -53,7 +53,7 @@ from chatbot.engine import precision, precision_names  # noqa: E402
 from chatbot.engine.chat_engine import ChatEngine  # noqa: E402
 from chatbot.engine.cpu import cpu_flags, cpu_isa, level_of  # noqa: E402
 from chatbot.engine.plan import DecodingPlan  # noqa: E402
-from chatbot.models.tiny_model import build_model, build_tiny_checkpoint  # noqa: E402
+from chatbot.models.tiny_model import build_model, built_once  # noqa: E402
 from chatbot.schemas import ChatRequest  # noqa: E402
 from chatbot.settings import DTYPE_CHOICES  # noqa: E402
 from devtools.processes import free_port, stop_tree, wait_until_healthy, wait_while_compiling  # noqa: E402
@@ -184,8 +184,7 @@ def real_architecture_checkpoint() -> Path:
 
 
 def tiny_checkpoint() -> Path:
-    out = CACHE / "tiny-blenderbot"
-    return out if (out / "model.safetensors").exists() else build_tiny_checkpoint(out)
+    return built_once("encoder-decoder", CACHE / "tiny-models")
 
 
 def conversations(count: int) -> list[list[dict[str, str]]]:

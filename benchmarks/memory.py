@@ -43,7 +43,7 @@ from benchmarks.bench import CACHE, RESULTS, SHARED, running, service, tiny_chec
 from chatbot.models.tiny_model import (  # noqa: E402
     TINY_ARCHITECTURE,
     build_model,
-    build_tiny_chat_checkpoint,
+    built_once,
 )
 
 CONCURRENCY = 64
@@ -214,8 +214,7 @@ def blenderbot_checkpoint() -> Path:
 
 
 def decoder_only_checkpoint() -> Path:
-    out = CACHE / "tiny-chat"
-    return out if (out / "model.safetensors").exists() else build_tiny_chat_checkpoint(out)
+    return built_once("decoder-only", CACHE / "tiny-models")
 
 
 CHECKPOINTS = {"blenderbot": blenderbot_checkpoint, "decoder-only": decoder_only_checkpoint}

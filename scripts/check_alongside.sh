@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `make check`'s types and tests, side by side. The in-process tests keep one core busy
-# (one compute thread per process, tests/conftest.py) and mypy the other: on a fresh
-# clone, where mypy has no cache, it takes about 45 s of a 2-core machine. Its report
-# follows the tests'. Fails if either fails; extra arguments go to pytest.
+# `make check`'s types and tests, side by side. The in-process tests run in two pytest
+# workers (pytest-xdist; one compute thread each, tests/conftest.py), a module at a time
+# wherever one is free, and mypy beside them: on a fresh clone, where mypy has no cache,
+# it takes about 45 s of a core. Its report follows the tests'. Fails if either fails;
+# extra arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -11,7 +12,7 @@ trap 'rm -f "$log"' EXIT
 
 "$VENV/bin/mypy" >"$log" 2>&1 &
 types=$!
-"$VENV/bin/python" -m pytest -m "not server" "$@"
+"$VENV/bin/python" -m pytest -m "not server" --numprocesses 2 --dist loadfile "$@"
 tests=$?
 wait "$types"
 typed=$?

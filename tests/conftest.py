@@ -15,21 +15,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-import torch
 from capped import probes_of_every_level
 
-from chatbot.engine.chat_engine import ChatEngine
+from chatbot.engine.gc_freeze import frozen_after_loading
 from chatbot.models.offline_model import offline_model_path
-from chatbot.models.tiny_model import build_tiny_chat_checkpoint, build_tiny_checkpoint
 from devtools.chat_page import CHROMIUM, CHROMIUM_ARGS
 from devtools.postgres import running_postgres, server_bin
 from devtools.processes import free_port, stop_tree, wait_until_healthy
 
+if TYPE_CHECKING:  # torch and the engine load where used: ``pytest -n``'s controller
+    # reads this file too, and needs neither (10 s before the workers start)
+    from chatbot.engine.chat_engine import ChatEngine
+
 ROOT = Path(__file__).resolve().parent.parent
+# Built once for every pytest process of a run, and kept for the next (``built_once``).
+TINY_MODELS = ROOT / ".cache" / "tiny-models"
 REAL_TOKENIZER = ROOT.parent / "shared" / "blenderbot-tokenizer" / "blenderbot-400M-distill"
 
 
@@ -41,28 +45,51 @@ def pytest_configure(config: pytest.Config) -> None:
     OpenMP thread that waits on a preempted sibling spins: measured with one busy core
     beside it, 24 concurrent replies took 2.69 s with two threads and 0.70 s with one.
     """
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads: with the tests (see above)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[None]:
+    """The test modules (torch, transformers, Streamlit...) imported as a server loads
+    its engine (``chatbot.engine.gc_freeze``): what they make lives as long as pytest."""
+    with frozen_after_loading():
+        return (yield)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_compute_thread() -> None:
+    """This process's part of ``pytest_configure``'s promise, whatever loaded torch first."""
+    import torch
+
     torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-blenderbot")
+def tiny_checkpoint() -> Path:
+    from chatbot.models.tiny_model import built_once
+
+    return built_once("encoder-decoder", TINY_MODELS)
 
 
 @pytest.fixture(scope="session")
 def engine(tiny_checkpoint: Path) -> ChatEngine:
+    from chatbot.engine.chat_engine import ChatEngine
+
     return ChatEngine.load(tiny_checkpoint, "tiny-blenderbot")
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_chat_checkpoint() -> Path:
     """A decoder-only chat model (Llama with a ChatML template), random weights."""
-    return build_tiny_chat_checkpoint(tmp_path_factory.mktemp("models") / "tiny-chat")
+    from chatbot.models.tiny_model import built_once
+
+    return built_once("decoder-only", TINY_MODELS)
 
 
 @pytest.fixture(scope="session")
 def chat_engine(tiny_chat_checkpoint: Path) -> ChatEngine:
+    from chatbot.engine.chat_engine import ChatEngine
+
     return ChatEngine.load(tiny_chat_checkpoint, "tiny-chat")
 
 
@@ -388,7 +415,13 @@ BACKGROUND_JOBS = {"kernel_probes": True, **SERVER_JOBS}  # the probes: make che
 
 @pytest.fixture(scope="session", autouse=True)
 def start_early(request: pytest.FixtureRequest) -> None:
-    """Start the shared servers, then the background jobs, that selected tests need."""
+    """Start the shared servers, then the background jobs, that selected tests need.
+
+    Not in a worker of ``pytest -n`` (``make check``): each collects every test but runs
+    only those handed to it, and two workers already keep both cores busy; a job starts
+    when a test there asks for it."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
     needed = {name for item in request.session.items for name in item.fixturenames}
     for name in [name for name in SHARED_SERVERS if name in needed]:
         request.getfixturevalue("servers").start(name)

@@ -16,7 +16,11 @@ chats shipped on PyPI) and a real architecture at small sizes:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +179,38 @@ def build_tiny_chat_checkpoint(out_dir: str | Path, vocab_size: int = 2000, seed
 
 
 BUILDERS = {"encoder-decoder": build_tiny_checkpoint, "decoder-only": build_tiny_chat_checkpoint}
+NAMES = {"encoder-decoder": "tiny-blenderbot", "decoder-only": "tiny-chat"}
+"""Each family's directory name: a served model is named after its directory."""
+
+
+def built_once(family: str, cache: Path) -> Path:
+    """The tiny ``family`` checkpoint (``NAMES``), built under ``cache`` on first use.
+
+    A build is deterministic (seeded weights, a tokenizer trained on fixed data), so
+    every process of a test run, and every later run, can read one copy: a build took
+    5-6 s, and ``make test``'s three pytest processes each made both. The folder is
+    named by this file and the versions of the libraries that write the checkpoint, so
+    a change to either builds afresh (and the older build goes); it is written whole or
+    not at all, and a process that loses the race to finish it reads the winner's."""
+    versions = [importlib.metadata.version(p) for p in ("torch", "transformers", "tokenizers")]
+    key = hashlib.sha256("\n".join([Path(__file__).read_text(), *versions]).encode())
+    folder = cache / f"{family}-{key.hexdigest()[:16]}"
+    if not folder.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+        building.chmod(0o755)  # as a folder made otherwise (mkdtemp: for its owner only)
+        try:
+            BUILDERS[family](building / NAMES[family])
+            building.rename(folder)
+        except OSError:
+            if not folder.exists():
+                raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+        for older in cache.glob(f"{family}-*"):
+            if older != folder:
+                shutil.rmtree(older, ignore_errors=True)
+    return folder / NAMES[family]
 
 
 def main() -> None:
