@@ -16,6 +16,7 @@ chats shipped on PyPI) and a real architecture at small sizes:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -188,29 +189,33 @@ def built_once(family: str, cache: Path) -> Path:
 
     A build is deterministic (seeded weights, a tokenizer trained on fixed data), so
     every process of a test run, and every later run, can read one copy: a build took
-    5-6 s, and ``make test``'s three pytest processes each made both. The folder is
-    named by this file and the versions of the libraries that write the checkpoint, so
-    a change to either builds afresh (and the older build goes); it is written whole or
-    not at all, and a process that loses the race to finish it reads the winner's."""
+    5-6 s, and ``make test``'s pytest processes each made both. The folder is named by
+    this file and the versions of the libraries that write the checkpoint, so a change
+    to either builds afresh (and the older build goes). One process builds, the others
+    wait for it; a build is written whole or not at all."""
     versions = [importlib.metadata.version(p) for p in ("torch", "transformers", "tokenizers")]
     key = hashlib.sha256("\n".join([Path(__file__).read_text(), *versions]).encode())
     folder = cache / f"{family}-{key.hexdigest()[:16]}"
-    if not folder.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
-        building.chmod(0o755)  # as a folder made otherwise (mkdtemp: for its owner only)
-        try:
-            BUILDERS[family](building / NAMES[family])
-            building.rename(folder)
-        except OSError:
-            if not folder.exists():
-                raise
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-        for older in cache.glob(f"{family}-*"):
-            if older != folder:
-                shutil.rmtree(older, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.exists():
+            _build_into(folder, family)
     return folder / NAMES[family]
+
+
+def _build_into(folder: Path, family: str) -> None:
+    """``family``'s checkpoint in ``folder``, whole or not at all; its older builds gone."""
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        building.chmod(0o755)  # as a folder made otherwise (mkdtemp: for its owner only)
+        BUILDERS[family](building / NAMES[family])
+        building.rename(folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    for older in folder.parent.glob(f"{family}-*"):
+        if older != folder:
+            shutil.rmtree(older, ignore_errors=True)
 
 
 def main() -> None:
