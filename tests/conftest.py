@@ -45,7 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
     OpenMP thread that waits on a preempted sibling spins: measured with one busy core
     beside it, 24 concurrent replies took 2.69 s with two threads and 0.70 s with one.
     """
-    os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads: with the tests (see above)
+    os.environ["OMP_NUM_THREADS"] = "1"  # read as torch loads, with the first test module
 
 
 @pytest.hookimpl(wrapper=True)
