@@ -69,7 +69,7 @@ serve: install  ## run the service on 127.0.0.1:$PORT (CHATBOT_MODEL = hub id or
 	tag=$$($(PY) import_model.py) && \
 	CHATBOT_MODEL_TAG=$$tag exec $(BENTOML) serve service:Chatbot --host 127.0.0.1 --port $(PORT)
 
-$(TINY_MODEL)/model.safetensors: | $(VENV)/.installed
+$(TINY_MODEL)/model.safetensors: chatbot/models/tiny_model.py | $(VENV)/.installed  # rebuilt when the builder changes
 	$(PY) -m chatbot.models.tiny_model $(TINY_MODEL)
 
 tiny-model: install $(TINY_MODEL)/model.safetensors  ## build the tiny offline test model

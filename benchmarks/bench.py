@@ -60,6 +60,7 @@ from devtools.processes import free_port, stop_tree, wait_until_healthy, wait_wh
 
 SHARED = ROOT.parent / "shared" / "blenderbot-tokenizer"
 CACHE = ROOT / ".cache"
+TINY_MODELS = CACHE / "tiny-models"  # the tests' too (``built_once``)
 RESULTS = ROOT / "benchmarks" / "results"
 GREEDY_32 = {"num_beams": 1, "max_new_tokens": 32}
 MODEL_DEFAULT: dict[str, int] = {}  # the checkpoint's own: 10 beams, 59 tokens
@@ -184,7 +185,7 @@ def real_architecture_checkpoint() -> Path:
 
 
 def tiny_checkpoint() -> Path:
-    return built_once("encoder-decoder", CACHE / "tiny-models")
+    return built_once("encoder-decoder", TINY_MODELS)
 
 
 def conversations(count: int) -> list[list[dict[str, str]]]:

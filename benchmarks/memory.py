@@ -39,7 +39,15 @@ from transformers import BlenderbotTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import CACHE, RESULTS, SHARED, running, service, tiny_checkpoint  # noqa: E402
+from benchmarks.bench import (  # noqa: E402
+    CACHE,
+    RESULTS,
+    SHARED,
+    TINY_MODELS,
+    running,
+    service,
+    tiny_checkpoint,
+)
 from chatbot.models.tiny_model import (  # noqa: E402
     TINY_ARCHITECTURE,
     build_model,
@@ -214,7 +222,7 @@ def blenderbot_checkpoint() -> Path:
 
 
 def decoder_only_checkpoint() -> Path:
-    return built_once("decoder-only", CACHE / "tiny-models")
+    return built_once("decoder-only", TINY_MODELS)
 
 
 CHECKPOINTS = {"blenderbot": blenderbot_checkpoint, "decoder-only": decoder_only_checkpoint}
