@@ -39,11 +39,11 @@ database:  ## install Debian's postgresql for the page's database tests (needs r
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
 	  || echo "warning: could not install postgresql; the PostgreSQL tests will be skipped"; }
 
-container-tools:  ## install Debian's buildah and debootstrap for `make image` without Docker (root)
-	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || { \
-	  echo "installing buildah and debootstrap (apt-get)"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null; } \
-	  || echo "warning: could not install buildah/debootstrap; the image test will be skipped"; }
+container-tools:  ## install Debian's buildah and mmdebstrap for `make image` without Docker (root)
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  echo "installing buildah and mmdebstrap (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah mmdebstrap >/dev/null; } \
+	  || echo "warning: could not install buildah/mmdebstrap; the image test will be skipped"; }
 
 check: install  ## lint and format, then types beside the tests that start no server (under 2 minutes)
 	$(VENV)/bin/ruff check .

@@ -401,7 +401,7 @@ def background() -> Iterator[ThreadPoolExecutor]:
 
 
 CAN_BUILD_IMAGES = bool(
-    os.geteuid() == 0 and shutil.which("buildah") and shutil.which("debootstrap")
+    os.geteuid() == 0 and shutil.which("buildah") and shutil.which("mmdebstrap")
 )
 OFFLINE_MODEL = offline_model_path()
 SERVER_JOBS = {  # in the order they start, each with whether it can run here

@@ -232,7 +232,7 @@ def test_the_built_bento_serves_the_model_it_carries(
 @pytest.mark.last  # its build ran in the background meanwhile (conftest.image_build)
 @pytest.mark.skipif(
     not CAN_BUILD_IMAGES,
-    reason="building an image without Docker needs root, buildah and debootstrap",
+    reason="building an image without Docker needs root, buildah and mmdebstrap",
 )
 def test_the_image_built_from_the_bento_answers_a_chat(image_build: Future[BuiltImage]):
     """``make image`` without Docker: buildah builds, ``buildah run`` starts it."""

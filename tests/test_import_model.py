@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import import_model, offline_env
 
-from chatbot.models.checkpoint import gguf_parsed_once, gguf_weight_format
+from chatbot.models.checkpoint import gguf_read_once, gguf_weight_format
 from chatbot.settings import DEFAULT_MODEL, store_name_for
 
 
@@ -49,7 +49,8 @@ def test_store_names(tmp_path: Path):
 
 def test_a_gguf_file_is_parsed_once_while_importing_and_gguf_is_left_as_it_was(tmp_path: Path):
     """What transformers' GGUF loader and ``gguf_weight_format`` read meanwhile comes
-    from one parse (``gguf_parsed_once``); afterwards gguf parses afresh again."""
+    from one parse, and the tensor names from one map (``gguf_read_once``); afterwards
+    gguf parses and maps afresh again."""
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tensor("blk.0.attn_q.weight", np.ones((4, 8), dtype=np.float32))
@@ -57,10 +58,14 @@ def test_a_gguf_file_is_parsed_once_while_importing_and_gguf_is_left_as_it_was(t
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    reader = gguf.GGUFReader
-    with gguf_parsed_once():
-        parsed = gguf.GGUFReader(str(path))  # as transformers asks for it
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_read_once():
+        parsed = gguf.GGUFReader(str(path))  # as transformers asks for them
         assert gguf.GGUFReader(str(path)) is parsed
         assert gguf_weight_format(path) == "F32"
-    assert gguf.GGUFReader is reader
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is names
+        assert names.get_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
     assert gguf.GGUFReader(str(path)) is not parsed
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not names

@@ -128,7 +128,7 @@ def _load_and_save(
         }
     else:
         location = {"pretrained_model_name_or_path": source, "local_files_only": local_files_only}
-    with gguf_parsed_once() if gguf_file else nullcontext():
+    with gguf_read_once() if gguf_file else nullcontext():
         tokenizer = AutoTokenizer.from_pretrained(**location)
         config = AutoConfig.from_pretrained(**location)
         try:
@@ -146,19 +146,22 @@ def _load_and_save(
 
 
 @contextmanager
-def gguf_parsed_once() -> Iterator[None]:
-    """One parse of a GGUF file for all that reads it meanwhile. transformers' loader
-    parses the whole file's metadata (SmolLM2's 49k tokens and 48k merges: 3.6 s here)
-    for the tokenizer, the config and the weights in turn, and ``gguf_weight_format``
-    once more; the parsed file is only read, so one serves them all."""
-    import gguf  # as transformers does: it looks the reader up there at each load
+def gguf_read_once() -> Iterator[None]:
+    """One parse of a GGUF file, and one map of its tensor names, for all that reads
+    them meanwhile. transformers' loader parses the whole file's metadata (SmolLM2's
+    49k tokens and 48k merges: 3.6 s here) for the tokenizer, the config and the weights
+    in turn, and ``gguf_weight_format`` once more. To match the weights' names it then
+    builds gguf's name map of every layer anew for each of the model's 400 modules
+    (7.7 s of SmolLM2's 31 s import). Both are only read, so one of each serves all."""
+    import gguf  # as transformers does: it looks both up there at each use
 
-    reader = gguf.GGUFReader
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     gguf.GGUFReader = functools.cache(reader)  # type: ignore[misc,assignment]
+    gguf.get_tensor_name_map = functools.cache(name_map)
     try:
         yield
     finally:
-        gguf.GGUFReader = reader  # type: ignore[misc]
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
 
 
 def gguf_weight_format(path: Path) -> str:
