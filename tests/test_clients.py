@@ -9,7 +9,6 @@ import asyncio
 import json
 
 import bentoml
-import httpx
 import openai
 import pytest
 import requests
@@ -18,6 +17,7 @@ from test_generation_options import forward_logprobs
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.schemas import ChatRequest
+from devtools.processes import LOCAL
 
 pytestmark = pytest.mark.server  # every test here talks to a real server
 
@@ -64,7 +64,7 @@ def a_stop_in(text: str) -> tuple[str, int]:
 
 
 def test_every_answer_names_the_model_not_a_path(url):
-    info = httpx.post(f"{url}/info", json={}, timeout=30).json()
+    info = LOCAL.post(f"{url}/info", json={}, timeout=30).json()
     (model,) = sync_client(url).models.list().data
     assert model.id == info["model"] in {"tiny-blenderbot", "tiny-chat"}
 
@@ -158,7 +158,7 @@ def test_penalties_and_vllms_extras_mean_what_they_mean_on_respond(url):
         model="any", messages=HELLO, max_tokens=12, **GREEDY | {"extra_body": {
             "num_beams": 1, **options}},
     )  # fmt: skip
-    respond = httpx.post(
+    respond = LOCAL.post(
         f"{url}/respond", timeout=60,
         json={"messages": HELLO, "max_new_tokens": 12, "num_beams": 1, **options},
     ).json()  # fmt: skip
@@ -233,14 +233,14 @@ OPEN_WEBUI_TITLE = {  # the title it asks for once a chat starts (not streamed)
 
 def test_the_bodies_open_webui_sends_succeed_and_extras_are_logged(family):
     served, _ = family
-    with httpx.stream(
+    with LOCAL.stream(
         "POST", f"{served.url}/v1/chat/completions", json=OPEN_WEBUI_CHAT, timeout=60
     ) as response:
         assert response.status_code == 200, response.read()
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] >= 1
-    title = httpx.post(f"{served.url}/v1/chat/completions", json=OPEN_WEBUI_TITLE, timeout=60)
+    title = LOCAL.post(f"{served.url}/v1/chat/completions", json=OPEN_WEBUI_TITLE, timeout=60)
     assert title.status_code == 200
     assert title.json()["choices"][0]["message"]["content"]
 
@@ -279,7 +279,7 @@ def test_bentomls_clients_get_plain_python_values(served):
     "content_type", ["multipart/form-data", "application/x-www-form-urlencoded", "text/plain"]
 )
 def test_a_body_that_is_not_json_is_a_415_that_says_so(server, route, content_type):
-    response = httpx.post(
+    response = LOCAL.post(
         f"{server}{route}", content=b'{"user_input": "hi"}', headers={"content-type": content_type}
     )
     assert response.status_code == 415

@@ -9,6 +9,8 @@ import time
 import httpx
 from conftest import histogram
 
+from devtools.processes import LOCAL
+
 LONG = {"num_beams": 4, "max_new_tokens": 127}
 VLLM_NAMES = [
     "chatbot_time_to_first_token_seconds_bucket",
@@ -28,7 +30,7 @@ def ask(text: str, **options: object) -> dict:
 
 
 def gauge(server: str, name: str) -> float:
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
     return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([\d.]+)$", metrics, re.M))
 
 
@@ -80,8 +82,8 @@ def test_concurrent_streams_share_decode_steps(server):
 
 
 def test_metrics_use_the_names_operators_know_from_vllm(server):
-    httpx.post(f"{server}/respond", json=ask("hello", num_beams=1, max_new_tokens=3), timeout=60)
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+    LOCAL.post(f"{server}/respond", json=ask("hello", num_beams=1, max_new_tokens=3), timeout=60)
+    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
     assert [name for name in VLLM_NAMES if name not in metrics] == []
 
 
@@ -102,6 +104,6 @@ def test_a_full_queue_answers_503_with_retry_after(small_loop):
 
 
 def test_more_beams_than_rows_is_a_400(small_loop):
-    response = httpx.post(f"{small_loop}/respond", json=ask("hi", num_beams=3), timeout=60)
+    response = LOCAL.post(f"{small_loop}/respond", json=ask("hi", num_beams=3), timeout=60)
     assert response.status_code == 400
     assert "CHATBOT_MAX_ROWS" in response.text

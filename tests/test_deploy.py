@@ -12,7 +12,6 @@ import time
 from concurrent.futures import Future
 
 import cattrs
-import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -22,7 +21,7 @@ from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage
 from sqlalchemy import make_url
 
 from chatbot.settings import Settings
-from devtools.processes import free_port, stop_tree, wait_until_healthy
+from devtools.processes import LOCAL, free_port, stop_tree, wait_until_healthy
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.34"
@@ -184,7 +183,7 @@ def test_bentocloud_config_matches_bentomls_schema():
 
 def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
     wait_until_healthy(f"{url}/readyz", process)
-    reply = httpx.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
+    reply = LOCAL.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
     assert reply.status_code == 200
     assert isinstance(reply.json(), str)
 

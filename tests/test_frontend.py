@@ -8,13 +8,12 @@ import json
 import sqlite3
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
 from chatbot.engine import precision
-from devtools.processes import free_port
+from devtools.processes import LOCAL, free_port
 from frontend.export import to_csv, to_json
 from frontend.store import ChatStore, sqlite_url
 
@@ -99,7 +98,7 @@ def test_greedy_and_sampled_replies_stream_in_and_are_kept(page_env, server):
     assert not page.exception
     assert not page.error
     (_, reply) = thread(page)[-1]
-    whole = httpx.post(f"{server}/respond", json={
+    whole = LOCAL.post(f"{server}/respond", json={
         "messages": [{"role": "user", "content": "Tell me about your dog."}],
         "num_beams": 1, "do_sample": False, "max_new_tokens": 59}, timeout=60).json()  # fmt: skip
     assert reply == whole["reply"]  # the streamed pieces add up to the whole reply

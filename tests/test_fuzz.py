@@ -16,12 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
+
+from devtools.processes import LOCAL
 
 # 50 cases per operation and mode (100 until the suite outgrew CI's 10 minutes): the
 # positive /v1/completions cases alone took 32 s, each a real reply. Boundary values
@@ -91,7 +92,7 @@ def test_schemathesis_own_coverage_run_passes_every_check(server: str, tmp_path:
 
 
 def test_the_spec_lists_what_admission_answers(server: str):
-    spec = httpx.get(f"{server}/docs.json", timeout=30).json()
+    spec = LOCAL.get(f"{server}/docs.json", timeout=30).json()
     responses = spec["paths"]["/respond"]["post"]["responses"]
     assert {"200", "400", "401", "413", "503", "504"} <= set(responses)
     assert "Retry-After" in responses["503"]["description"]

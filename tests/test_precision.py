@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -26,6 +25,7 @@ from chatbot.engine.cpu import at_least, cpu_isa
 from chatbot.engine.kernels import BFloat16Linear, PackedLinear, attention
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
+from devtools.processes import LOCAL
 
 GREEDY = {"num_beams": 1, "max_new_tokens": 8}
 needs_avx512 = pytest.mark.skipif(not at_least("avx512_core"), reason="bfloat16 needs AVX-512")
@@ -103,17 +103,17 @@ def test_a_bfloat16_engine_multiplies_in_bfloat16_and_answers(tiny_checkpoint: P
 
 
 def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
-    info = httpx.post(f"{int8_served.url}/info", json={}, timeout=30).json()
+    info = LOCAL.post(f"{int8_served.url}/info", json={}, timeout=30).json()
     assert (info["device"], info["dtype"], info["cpu_isa"]) == ("cpu", "int8", cpu_isa())
     assert info["attention"] == ("rows" if attention.library() else "sdpa")
-    answer = httpx.post(
+    answer = LOCAL.post(
         f"{int8_served.url}/respond",
         json={"messages": [{"role": "user", "content": "hi"}], **GREEDY},
         timeout=60,
     )
     assert answer.status_code == 200
     assert answer.json()["completion_tokens"] >= 1
-    metrics = httpx.get(f"{int8_served.url}/metrics", timeout=30).text
+    metrics = LOCAL.get(f"{int8_served.url}/metrics", timeout=30).text
     assert 'dtype="int8"' in metrics
     assert f'cpu_isa="{cpu_isa()}"' in metrics
 
@@ -129,7 +129,7 @@ def test_int8_streams_with_log_probabilities_and_beams_answer(int8_served: Serve
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed.strip() == whole.choices[0].message.content
     assert whole.choices[0].logprobs.content
-    beams = httpx.post(
+    beams = LOCAL.post(
         f"{int8_served.url}/respond",
         json={"messages": [{"role": "user", "content": "hi"}], "num_beams": 4}, timeout=120,
     )  # fmt: skip

@@ -29,6 +29,7 @@ from streamlit.testing.v1 import AppTest
 
 from benchmarks.memory import Soak, soak
 from chatbot.http.keep_alive import keep_idle_connections
+from devtools.processes import LOCAL
 from frontend.client import ChatClient, ServiceError
 
 APP = str(ROOT / "frontend" / "app.py")
@@ -98,7 +99,7 @@ def test_the_right_key_is_served_and_health_and_metrics_stay_open(guarded):
     models = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key=API_KEY).models.list()
     assert len(models.data) == 1
     for path in ["/livez", "/readyz", "/healthz", "/metrics"]:
-        assert httpx.get(f"{guarded.url}{path}", timeout=30).status_code == 200, path
+        assert LOCAL.get(f"{guarded.url}{path}", timeout=30).status_code == 200, path
 
 
 def test_one_structured_log_line_per_request_without_text_or_key(guarded):
@@ -302,7 +303,7 @@ def test_clients_that_leave_mid_request_break_neither_their_batch_nor_the_server
     assert all(isinstance(r, httpx.TimeoutException) for r in left)
     assert [r.status_code for r in stayed] == [200] * 6
     assert len({r.json()["reply"] for r in stayed}) == 1  # same input, same reply
-    after = httpx.post(f"{served.url}/respond", json=chat("anyone left?", **FAST), timeout=60)
+    after = LOCAL.post(f"{served.url}/respond", json=chat("anyone left?", **FAST), timeout=60)
     assert after.status_code == 200
 
 
@@ -406,7 +407,7 @@ def test_the_page_tells_the_user_when_the_service_is_busy(single_slot, tmp_path,
 
 def test_metrics_show_each_workers_resident_memory(server: str):
     """``chatbot_process_resident_memory_bytes``, by worker pid, as the process has it."""
-    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
     (pid, value), *others = re.findall(
         r'^chatbot_process_resident_memory_bytes\{pid="(\d+)"\} (\S+)$', metrics, re.MULTILINE
     )

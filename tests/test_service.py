@@ -9,6 +9,8 @@ import httpx
 import pytest
 from conftest import batch_sizes
 
+from devtools.processes import LOCAL
+
 CONCURRENCY = 64
 HI = [{"role": "user", "content": "hi"}]
 
@@ -25,7 +27,7 @@ def legacy(
 
 
 def post(server: str, route: str, payload: object) -> httpx.Response:
-    return httpx.post(f"{server}{route}", json=payload, timeout=120)
+    return LOCAL.post(f"{server}{route}", json=payload, timeout=120)
 
 
 async def post_concurrently(
@@ -37,8 +39,8 @@ async def post_concurrently(
 
 
 def test_health_endpoints(server):
-    assert httpx.get(f"{server}/livez").status_code == 200
-    assert httpx.get(f"{server}/readyz").status_code == 200
+    assert LOCAL.get(f"{server}/livez").status_code == 200
+    assert LOCAL.get(f"{server}/readyz").status_code == 200
 
 
 def test_legacy_chat_answers_a_json_string(server):
@@ -119,7 +121,7 @@ def test_bad_input_gets_a_4xx_with_a_message(server, route, payload, message):
 
 @pytest.mark.parametrize("body", [b"not json", b"", b"[]", b'"hi"'])
 def test_malformed_bodies_get_a_4xx(server, body):
-    response = httpx.post(
+    response = LOCAL.post(
         f"{server}/chat", content=body, headers={"content-type": "application/json"}
     )
     assert 400 <= response.status_code < 500, response.text
