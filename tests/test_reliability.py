@@ -243,24 +243,31 @@ def test_pooled_connections_reused_at_the_keep_alive_boundary_never_fail(served:
     """40 clients with httpx's default pool each reuse their connection 3 times after
     idling 4.90-5.09 s, across the pool's expiry (which closes it first, as the client
     side must), and one raw connection idles past uvicorn's former 5 s: 0 errors, and
-    connections idle just under 5 s are reused, not reopened."""
+    every connection idle under 5 s is reused, not reopened. Under 5 s by what the
+    client measured, not by what it meant to sleep: on a busy machine a sleep ends
+    late, and its connection rightly expires."""
 
-    async def pooled_client(index: int) -> tuple[Counter[str], int]:
-        outcomes, reused, port = Counter[str](), 0, None
+    async def pooled_client(index: int) -> tuple[Counter[str], list[tuple[float, bool]]]:
+        outcomes, reuses, port, done = Counter[str](), [], None, 0.0
         async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
             for round_ in range(4):
                 if round_:
                     await asyncio.sleep(POOL_EXPIRY_S - 0.1 + index % 20 * 0.01)
+                idle = time.monotonic() - done
                 try:
                     response = await client.get("/readyz")
                 except httpx.HTTPError as error:
                     outcomes[type(error).__name__] += 1
                     continue
+                finally:
+                    done = time.monotonic()
                 outcomes[str(response.status_code)] += 1
                 stream = response.extensions["network_stream"]
                 local_port = stream.get_extra_info("client_addr")[1]
-                reused, port = reused + (local_port == port), local_port
-        return outcomes, reused
+                if round_:
+                    reuses.append((idle, local_port == port))
+                port = local_port
+        return outcomes, reuses
 
     def raw_connection_idle_past_5_s() -> list[int]:
         connection = http.client.HTTPConnection("127.0.0.1", int(served.url.rsplit(":", 1)[1]))
@@ -276,14 +283,20 @@ def test_pooled_connections_reused_at_the_keep_alive_boundary_never_fail(served:
         connection.close()
         return statuses
 
-    async def run() -> tuple[list[tuple[Counter[str], int]], list[int]]:
+    async def run() -> tuple[list[tuple[Counter[str], list[tuple[float, bool]]]], list[int]]:
         raw = asyncio.to_thread(raw_connection_idle_past_5_s)
         pooled = asyncio.gather(*(pooled_client(i) for i in range(40)))
         return await asyncio.gather(pooled, raw)
 
     pooled, raw = asyncio.run(run())
     assert sum((outcomes for outcomes, _ in pooled), Counter()) == {"200": 160}
-    assert sum(reused for _, reused in pooled) >= 40  # half the clients idle under 5 s
+    # httpx times a connection's idle from the response's end to the next request's
+    # start, moments inside what is measured here: a margin for those moments.
+    under = [
+        reused for _, reuses in pooled for idle, reused in reuses if idle < POOL_EXPIRY_S - 0.05
+    ]
+    assert under, "no connection idled under 5 s: nothing was shown"
+    assert all(under)
     assert raw == [200, 200]
 
 
