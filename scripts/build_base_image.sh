@@ -2,9 +2,9 @@
 # Build a Debian bookworm + Python 3.11 base image locally, for machines that reach
 # Debian's and PyPI's package servers but no container registry (and run no Docker
 # engine): mmdebstrap makes the root filesystem, buildah commits it as an image.
-# mmdebstrap rather than debootstrap: it installs with apt in one pass, and took 39 s of
-# CPU where debootstrap took 122 on a 2-core machine (the suite builds this on every
-# fresh CI machine). Prints the image name. Needs root, mmdebstrap and buildah.
+# mmdebstrap rather than debootstrap: it installs with apt in one pass, and this script
+# took 65 s of CPU with it where it took 122 with debootstrap on a 2-core machine (the
+# suite builds this image on every fresh CI machine). Prints the image name. Needs root, mmdebstrap and buildah.
 #
 #   scripts/build_base_image.sh [IMAGE]      (default localhost/chatbot-base:bookworm)
 set -euo pipefail
