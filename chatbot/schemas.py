@@ -275,9 +275,10 @@ class ModelInfo(BaseModel):
     )
     decode_step: Literal["eager", "compiling", "compiled"] = Field(
         default="eager",
-        description="How the decode loop runs one conversation's steps: compiled ahead "
-        "of time (CHATBOT_COMPILE_STEP, Llama-family models on CPU), being compiled in "
-        "the background (the first start on a machine, under a minute) or eager.",
+        description="How the decode loop runs its steps: compiled ahead of time "
+        "(CHATBOT_COMPILE_STEP: Blenderbot and Llama-family models on CPU), being "
+        "compiled in the background (the first start on a machine: a minute or a few) "
+        "or eager.",
     )
     max_new_tokens_limit: int = Field(description="Most new tokens one reply can have.")
     max_beams: int = MAX_BEAMS

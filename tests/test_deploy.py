@@ -182,10 +182,21 @@ def test_bentocloud_config_matches_bentomls_schema():
 
 
 def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
+    """It answers a chat, on the engine's own C kernels: the sources and a compiler
+    came along (without them the service still answers, on torch's slower calls)."""
     wait_until_healthy(f"{url}/readyz", process)
     reply = LOCAL.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
     assert reply.status_code == 200
     assert isinstance(reply.json(), str)
+    assert LOCAL.post(f"{url}/info", json={}, timeout=10).json()["attention"] == "rows"
+
+
+@pytest.mark.parametrize("bentofile", ["deploy/bentofile.local-image.yaml", "bentofile.cuda.yaml"])
+def test_every_bentofile_packs_the_sources_the_default_one_does(bentofile: str):
+    def included(path: str) -> list[str]:
+        return yaml.safe_load((ROOT / path).read_text())["include"]
+
+    assert included(bentofile) == included("bentofile.yaml")
 
 
 KEEP_ALIVE = {"CHATBOT_KEEP_ALIVE_S": "3"}  # short, to watch the server close

@@ -81,7 +81,8 @@ from chatbot.settings import used_longest_ago
 logger = logging.getLogger(__name__)
 
 BUILD_LIMIT_S = 900
-"""A build that takes longer (SmolLM2: under a minute) is stopped; the eager step serves."""
+"""A build that takes longer (SmolLM2 or Blenderbot-400M: a minute to three on two
+cores) is stopped; the eager step serves."""
 
 BUILD_NICENESS = 10
 """The build yields the cores to the service, which serves eagerly meanwhile: a reply
