@@ -181,16 +181,6 @@ def test_bentocloud_config_matches_bentomls_schema():
         as_deployment(misspelt)
 
 
-def assert_chat_replies(url: str, process: subprocess.Popen[bytes]) -> None:
-    """It answers a chat, on the engine's own C kernels: the sources and a compiler
-    came along (without them the service still answers, on torch's slower calls)."""
-    wait_until_healthy(f"{url}/readyz", process)
-    reply = LOCAL.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
-    assert reply.status_code == 200
-    assert isinstance(reply.json(), str)
-    assert LOCAL.post(f"{url}/info", json={}, timeout=10).json()["attention"] == "rows"
-
-
 @pytest.mark.parametrize("bentofile", ["deploy/bentofile.local-image.yaml", "bentofile.cuda.yaml"])
 def test_every_bentofile_packs_the_sources_the_default_one_does(bentofile: str):
     def included(path: str) -> list[str]:
@@ -200,6 +190,19 @@ def test_every_bentofile_packs_the_sources_the_default_one_does(bentofile: str):
 
 
 KEEP_ALIVE = {"CHATBOT_KEEP_ALIVE_S": "3"}  # short, to watch the server close
+
+
+def assert_serves(port: int, process: subprocess.Popen[bytes]) -> None:
+    """The server on ``port`` answers a chat, on the engine's own C kernels (the sources
+    and a compiler came along: without them it still answers, on torch's slower calls),
+    and closes idle connections when the environment it runs in says."""
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(f"{url}/readyz", process)
+    reply = LOCAL.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
+    assert reply.status_code == 200
+    assert isinstance(reply.json(), str)
+    assert LOCAL.post(f"{url}/info", json={}, timeout=10).json()["attention"] == "rows"
+    assert_idle_connections_close_after(port, float(KEEP_ALIVE["CHATBOT_KEEP_ALIVE_S"]))
 
 
 def assert_idle_connections_close_after(port: int, keep_alive_s: float) -> None:
@@ -232,8 +235,7 @@ def test_the_built_bento_serves_the_model_it_carries(
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert_chat_replies(f"http://127.0.0.1:{port}", server)
-        assert_idle_connections_close_after(port, float(KEEP_ALIVE["CHATBOT_KEEP_ALIVE_S"]))
+        assert_serves(port, server)
     finally:
         stop_tree(server)
 
@@ -260,8 +262,7 @@ def test_the_image_built_from_the_bento_answers_a_chat(image_build: Future[Built
         env=image.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert_chat_replies(f"http://127.0.0.1:{port}", server)
-        assert_idle_connections_close_after(port, float(KEEP_ALIVE["CHATBOT_KEEP_ALIVE_S"]))
+        assert_serves(port, server)
     finally:
         stop_tree(server)
         buildah(["buildah", "rm", container])  # the image stays: the next build's layers
