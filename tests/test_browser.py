@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import CHROMIUM, ROOT, running
+from conftest import CHROMIUM, ROOT, running, wait_for
 
 from devtools.processes import free_port
 
@@ -172,6 +172,29 @@ def rendered(page) -> None:
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
     )  # Streamlit's "Running..." indicator
+
+
+def longest_replies(page) -> None:
+    """Greedy decoding up to the most new tokens the service allows (SmolLM2: 1,024),
+    so that a reply runs long enough to stop midway on any machine: at the default
+    256, a busy machine's page took so long to react to Stop that the service had
+    written the whole reply first."""
+    page.get_by_text("Greedy").click()
+    rendered(page)
+    set_max_new_tokens(page, "End", "max")
+
+
+def shortest_replies(page) -> None:
+    """Replies of one token: what a test checks of them is where they go, not what they
+    say, and the suite shares two cores."""
+    set_max_new_tokens(page, "Home", "min")
+
+
+def set_max_new_tokens(page, key: str, bound: str) -> None:
+    slider = page.get_by_role("slider", name="Max new tokens")
+    slider.press(key)
+    wait_for(lambda: slider.get_attribute("aria-valuetext") == slider.get_attribute(bound), bound)
+    rendered(page)
 
 
 STOPPED = "Stopped: the reply ends here."

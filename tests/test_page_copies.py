@@ -24,8 +24,10 @@ from test_browser import (
     STOPPED,
     TIMEOUT_MS,
     bubbles,
+    longest_replies,
     rendered,
     send,
+    shortest_replies,
     shown_stopped,
     sidebar_text,
     sign_in,
@@ -126,27 +128,6 @@ def open_tab(context, url: str):
 def on(copy: str, page) -> str:
     """``page``'s conversation, on ``copy``."""
     return copy + "/?" + page.url.split("?", 1)[1]
-
-
-def longest_replies(page) -> None:
-    """Greedy decoding up to the most new tokens the service allows: SmolLM2's story
-    then runs to the limit (25 s here), long enough to stop midway."""
-    page.get_by_text("Greedy").click()
-    rendered(page)
-    set_max_new_tokens(page, "End", "max")
-
-
-def shortest_replies(page) -> None:
-    """Replies of one token: what a test checks of them is where they go, not what they
-    say, and the suite shares two cores."""
-    set_max_new_tokens(page, "Home", "min")
-
-
-def set_max_new_tokens(page, key: str, bound: str) -> None:
-    slider = page.get_by_role("slider", name="Max new tokens")
-    slider.press(key)
-    wait_for(lambda: slider.get_attribute("aria-valuetext") == slider.get_attribute(bound), bound)
-    rendered(page)
 
 
 def stored(store: ChatStore, page) -> list[StoredMessage]:
