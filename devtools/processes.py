@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -28,6 +29,16 @@ against 0.4 ms for a request through a kept client: 12 s of the shared lane's py
 process, whose waits poll a server up to 20 times a second. No connection is kept, so each
 request connects afresh, as those calls did: a server restarted or killed under a test
 leaves no stale connection behind. httpx's clients may be shared between threads."""
+
+
+def service_info(url: str) -> dict[str, Any]:
+    """The service's ``/info``: its model, precision, kernels and decode step."""
+    return LOCAL.post(f"{url}/info", json={}, timeout=30).json()
+
+
+def service_metrics(url: str) -> str:
+    """The service's ``/metrics``, in Prometheus' text format."""
+    return LOCAL.get(f"{url}/metrics", timeout=30).text
 
 
 def free_port() -> int:
@@ -76,7 +87,7 @@ def wait_while_compiling(url: str, limit_s: float = 600) -> None:
     ``decode_step``): the first start on a machine compiles it in the background, and
     the benchmark measures the step the service settles on."""
     deadline = time.monotonic() + limit_s
-    while LOCAL.post(f"{url}/info", json={}, timeout=30).json()["decode_step"] == "compiling":
+    while service_info(url)["decode_step"] == "compiling":
         if time.monotonic() > deadline:
             raise TimeoutError(f"the one-row step was still compiling after {limit_s:.0f} s")
         time.sleep(1)

@@ -24,7 +24,7 @@ from chatbot.engine.gc_freeze import frozen_after_loading
 from chatbot.models.offline_model import offline_model_path
 from devtools.chat_page import CHROMIUM, CHROMIUM_ARGS
 from devtools.postgres import running_postgres, server_bin
-from devtools.processes import LOCAL, free_port, stop_tree, wait_until_healthy
+from devtools.processes import free_port, service_metrics, stop_tree, wait_until_healthy
 
 if TYPE_CHECKING:  # torch and the engine load where used: ``pytest -n``'s controller
     # reads this file too, and needs neither (10 s before the workers start)
@@ -328,7 +328,7 @@ def either_batching(request: pytest.FixtureRequest, servers: Servers) -> str:
 
 def histogram(server: str, name: str) -> Counter[int]:
     """Observations so far of the histogram ``name``, by bucket upper bound."""
-    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
+    metrics = service_metrics(server)
     pattern = rf'{name}_bucket\{{le="([\d.]+)"\}} ([\d.]+)'
     buckets = {float(le): float(count) for le, count in re.findall(pattern, metrics)}
     sizes, previous = Counter(), 0.0
@@ -365,7 +365,7 @@ def build_bento(
 
 def in_progress(url: str, endpoint: str) -> int:
     """Requests to ``endpoint`` that the server at ``url`` is answering right now."""
-    metrics = LOCAL.get(f"{url}/metrics", timeout=10).text
+    metrics = service_metrics(url)
     found = re.search(
         rf'bentoml_service_request_in_progress{{endpoint="{re.escape(endpoint)}"[^}}]*}} ([\d.]+)',
         metrics,

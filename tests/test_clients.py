@@ -17,7 +17,7 @@ from test_generation_options import forward_logprobs
 
 from chatbot.engine.chat_engine import ChatEngine
 from chatbot.schemas import ChatRequest
-from devtools.processes import LOCAL
+from devtools.processes import LOCAL, service_info
 
 pytestmark = pytest.mark.server  # every test here talks to a real server
 
@@ -64,7 +64,7 @@ def a_stop_in(text: str) -> tuple[str, int]:
 
 
 def test_every_answer_names_the_model_not_a_path(url):
-    info = LOCAL.post(f"{url}/info", json={}, timeout=30).json()
+    info = service_info(url)
     (model,) = sync_client(url).models.list().data
     assert model.id == info["model"] in {"tiny-blenderbot", "tiny-chat"}
 

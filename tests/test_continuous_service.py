@@ -9,7 +9,7 @@ import time
 import httpx
 from conftest import histogram
 
-from devtools.processes import LOCAL
+from devtools.processes import LOCAL, service_metrics
 
 LONG = {"num_beams": 4, "max_new_tokens": 127}
 VLLM_NAMES = [
@@ -30,7 +30,7 @@ def ask(text: str, **options: object) -> dict:
 
 
 def gauge(server: str, name: str) -> float:
-    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
+    metrics = service_metrics(server)
     return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([\d.]+)$", metrics, re.M))
 
 
@@ -83,7 +83,7 @@ def test_concurrent_streams_share_decode_steps(server):
 
 def test_metrics_use_the_names_operators_know_from_vllm(server):
     LOCAL.post(f"{server}/respond", json=ask("hello", num_beams=1, max_new_tokens=3), timeout=60)
-    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
+    metrics = service_metrics(server)
     assert [name for name in VLLM_NAMES if name not in metrics] == []
 
 

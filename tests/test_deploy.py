@@ -21,7 +21,7 @@ from conftest import CAN_BUILD_IMAGES, ROOT, BuiltImage
 from sqlalchemy import make_url
 
 from chatbot.settings import Settings
-from devtools.processes import LOCAL, free_port, stop_tree, wait_until_healthy
+from devtools.processes import LOCAL, free_port, service_info, stop_tree, wait_until_healthy
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.34"
@@ -201,7 +201,7 @@ def assert_serves(port: int, process: subprocess.Popen[bytes]) -> None:
     reply = LOCAL.post(f"{url}/chat", json={"user_input": "hi"}, timeout=60)
     assert reply.status_code == 200
     assert isinstance(reply.json(), str)
-    assert LOCAL.post(f"{url}/info", json={}, timeout=10).json()["attention"] == "rows"
+    assert service_info(url)["attention"] == "rows"
     assert_idle_connections_close_after(port, float(KEEP_ALIVE["CHATBOT_KEEP_ALIVE_S"]))
 
 

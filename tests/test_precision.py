@@ -25,7 +25,7 @@ from chatbot.engine.cpu import at_least, cpu_isa
 from chatbot.engine.kernels import BFloat16Linear, PackedLinear, attention
 from chatbot.schemas import ChatRequest
 from chatbot.settings import Settings
-from devtools.processes import LOCAL
+from devtools.processes import LOCAL, service_info, service_metrics
 
 GREEDY = {"num_beams": 1, "max_new_tokens": 8}
 needs_avx512 = pytest.mark.skipif(not at_least("avx512_core"), reason="bfloat16 needs AVX-512")
@@ -103,7 +103,7 @@ def test_a_bfloat16_engine_multiplies_in_bfloat16_and_answers(tiny_checkpoint: P
 
 
 def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
-    info = LOCAL.post(f"{int8_served.url}/info", json={}, timeout=30).json()
+    info = service_info(int8_served.url)
     assert (info["device"], info["dtype"], info["cpu_isa"]) == ("cpu", "int8", cpu_isa())
     assert info["attention"] == ("rows" if attention.library() else "sdpa")
     answer = LOCAL.post(
@@ -113,7 +113,7 @@ def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
     )
     assert answer.status_code == 200
     assert answer.json()["completion_tokens"] >= 1
-    metrics = LOCAL.get(f"{int8_served.url}/metrics", timeout=30).text
+    metrics = service_metrics(int8_served.url)
     assert 'dtype="int8"' in metrics
     assert f'cpu_isa="{cpu_isa()}"' in metrics
 

@@ -29,7 +29,7 @@ from streamlit.testing.v1 import AppTest
 
 from benchmarks.memory import Soak, soak
 from chatbot.http.keep_alive import keep_idle_connections
-from devtools.processes import LOCAL
+from devtools.processes import LOCAL, service_metrics
 from frontend.client import ChatClient, ServiceError
 
 APP = str(ROOT / "frontend" / "app.py")
@@ -420,7 +420,7 @@ def test_the_page_tells_the_user_when_the_service_is_busy(single_slot, tmp_path,
 
 def test_metrics_show_each_workers_resident_memory(server: str):
     """``chatbot_process_resident_memory_bytes``, by worker pid, as the process has it."""
-    metrics = LOCAL.get(f"{server}/metrics", timeout=10).text
+    metrics = service_metrics(server)
     (pid, value), *others = re.findall(
         r'^chatbot_process_resident_memory_bytes\{pid="(\d+)"\} (\S+)$', metrics, re.MULTILINE
     )
