@@ -4,7 +4,8 @@
 # engine): mmdebstrap makes the root filesystem, buildah commits it as an image.
 # mmdebstrap rather than debootstrap: it installs with apt in one pass, and this script
 # took 65 s of CPU with it where it took 122 with debootstrap on a 2-core machine (the
-# suite builds this image on every fresh CI machine). Prints the image name. Needs root, mmdebstrap and buildah.
+# suite builds this image on every fresh CI machine). Prints the image name. Needs
+# root, mmdebstrap and buildah.
 #
 #   scripts/build_base_image.sh [IMAGE]      (default localhost/chatbot-base:bookworm)
 set -euo pipefail
