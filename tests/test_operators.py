@@ -119,26 +119,51 @@ def test_weights_kept_again_under_their_name_outlive_the_ones_they_replaced(
         torch.ops.chatbot.int8_fbgemm(levels, first.name)
 
 
-def test_the_operators_are_built_once_into_the_users_cache():
+def test_both_libraries_are_built_once_into_the_users_cache():
     """About 10 s of C++ against torch's headers, once per machine, torch and source
-    (every instruction set loads the same library)."""
+    (every instruction set loads the same library); the C kernels' 0.7 s, once per
+    instruction set, rather than at every start of every process."""
+    assert native.library() is not None
     built = native.operators_library()
     assert built is not None
     assert built.parent == Path(user_cache()) / "kernels"
-    assert str(built) in Path("/proc/self/maps").read_text()
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(built) in mapped
+    assert [p for p in built.parent.glob("kernels-*.so") if str(p) in mapped]
+
+
+NO_CACHE = """
+from chatbot.engine.kernels import native
+assert native.library() is not None
+assert native.operators_library() is None
+"""
+
+
+def test_without_a_cache_folder_the_c_kernels_are_built_for_the_start(tmp_path: Path):
+    """A cache folder that cannot be made (a file is in its way): the C kernels serve,
+    built in a temporary folder; the operators' Python kernels serve; the log says so."""
+    (tmp_path / "chatbot").write_text("not a folder")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
+    command = [sys.executable, "-c", NO_CACHE]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "the C kernels' cache failed, built for this start" in done.stderr
+    assert "no cache folder for operators.cpp, Python's kernels serve" in done.stderr
 
 
 def test_the_cache_keeps_the_libraries_used_last(tmp_path: Path):
     """Each source or torch change builds another library; the oldest go (the one in
-    use was touched when it was found)."""
+    use was touched when it was found), each library's own: the C kernels' stay."""
     for age, name in enumerate(["a", "b", "c", "d", "e"]):
         library = tmp_path / f"operators-{name}.so"
         library.write_bytes(b"")
         os.utime(library, (1e9 - age * 100, 1e9 - age * 100))  # "a" used last
     (tmp_path / ".lock").write_text("")
-    native.prune_libraries(tmp_path, 3)
+    (tmp_path / "kernels-z.so").write_bytes(b"")
+    os.utime(tmp_path / "kernels-z.so", (1e8, 1e8))
+    native.prune_libraries(tmp_path, "operators", 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".lock", "operators-a.so", "operators-b.so", "operators-c.so",
+        ".lock", "kernels-z.so", "operators-a.so", "operators-b.so", "operators-c.so",
     ]  # fmt: skip
     in_use = native.operators_library()
     assert in_use is not None

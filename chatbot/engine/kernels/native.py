@@ -1,23 +1,27 @@
-"""The engine's own kernels: C (``*.c`` beside this file), compiled at every start, and
-C++ operators (``operators.cpp``), compiled once per machine.
+"""The engine's own kernels: C (``*.c`` beside this file) and C++ operators
+(``operators.cpp``), each compiled once per machine into the user's cache.
 
 Three jobs in a decode step of many rows were many small torch operations, each a pass
 over memory and a call's cost: attention once per reply (``attention``), the int8
 activations' quantization and scaling, about eight operations around each product
 (``int8``), and a beam step's copies of key/value rows, a gather and a scatter per
 buffer (``slots``). Plain C with OpenMP does each in one call and one pass. The C compiler
-that AOTInductor already needs builds them in about 0.3 s, into a temporary folder,
-for the instruction set ``cpu.cpu_isa`` names (so ``ONEDNN_MAX_CPU_ISA=AVX2`` runs
-AVX2 code here too). Without a compiler, or where it fails, ``library`` is None and
-torch's operations serve instead (the log says so).
+that AOTInductor already needs builds them in about 0.7 s, for the instruction set
+``cpu.cpu_isa`` names (so ``ONEDNN_MAX_CPU_ISA=AVX2`` runs AVX2 code here too, from a
+library of its own). That was once paid at every start, by every server, replica and
+build process; now the first process builds, the others load the file in milliseconds.
+Without a C compiler, or where it fails, ``library`` is None and torch's operations
+serve instead (the log says so); without a cache folder to write, it is built in a
+temporary folder at every start, as it once was.
 
 ``operators.cpp`` gives the engine's operators that a compiled step calls back
 (``chatbot::attend_rows``, ``chatbot::int8_fbgemm``) C++ kernels, so those calls need no
-Python. Built against torch's headers it takes about 10 s, so it is built once per
-torch version and source into the user's cache (``kernels/``), for every instruction set
-alike (it calls the C library's attention through a pointer), and loaded in
-milliseconds from then on. Without a C++ compiler or a cache folder to write, the
-operators' Python kernels serve (the log says so).
+Python. Built against torch's headers it takes about 10 s, for every instruction set
+alike (it calls the C library's attention through a pointer). Without a C++ compiler
+or a cache folder to write, the operators' Python kernels serve (the log says so).
+
+Both are named by what built them (sources, compiler flags, torch's version), so a
+change builds a new library beside the old ones (``prune_libraries``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -76,31 +80,44 @@ def compile_command() -> list[str] | None:
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """Every C source compiled into one library and loaded, then ``operators.cpp``'s
-    library (``operators_library``) handed its attention kernel; or None (no C
-    compiler, or one that failed)."""
+    """Every C source compiled into one library (``cached``) and loaded, then
+    ``operators.cpp``'s library (``operators_library``) handed its attention kernel; or
+    None (no C compiler, or one that failed)."""
     common = compile_command()
     if common is None:
         logger.warning("no C compiler: torch's operations serve (slower)")
         return None
-    with tempfile.TemporaryDirectory() as folder:
-        objects = [str(Path(folder) / f"{name}.o") for name in SOURCES]
-        commands = [
-            [*common, *flags, "-c", str(HERE / name), "-o", built]
-            for (name, flags), built in zip(SOURCES.items(), objects, strict=True)
-        ]
-        shared = str(Path(folder) / "kernels.so")
-        commands.append([*common, "-shared", *objects, "-o", shared])
-        failure = "C kernels did not compile, torch serves"
-        if not all(_compiles(command, failure) for command in commands):
-            return None
-        loaded = ctypes.CDLL(shared)  # mapped: the file may go
+    sources = b"".join((HERE / name).read_bytes() for name in SOURCES)
+    build = partial(_build_kernels, common)
+    try:
+        built = cached("kernels", sources + repr([common, SOURCES]).encode(), build)
+        loaded = None if built is None else ctypes.CDLL(str(built))
+    except OSError as error:
+        logger.warning("the C kernels' cache failed, built for this start: %s", error)
+        with tempfile.TemporaryDirectory() as folder:
+            shared = Path(folder) / "kernels.so"
+            loaded = ctypes.CDLL(str(shared)) if build(shared) else None  # mapped: may go
+    if loaded is None:
+        return None
     for name, arguments in SIGNATURES.items():
         function = getattr(loaded, name)
         function.argtypes, function.restype = arguments, None
     if (operators := operators_library()) is not None:
         ctypes.CDLL(str(operators)).use_attention(ctypes.cast(loaded.attend_rows, ctypes.c_void_p))
     return loaded
+
+
+def _build_kernels(common: list[str], shared: Path) -> bool:
+    """Each C source compiled beside ``shared``, then linked into it."""
+    objects = [str(shared.with_name(f"{name}.o")) for name in SOURCES]
+    commands = [
+        [*common, *flags, "-c", str(HERE / name), "-o", built]
+        for (name, flags), built in zip(SOURCES.items(), objects, strict=True)
+    ]
+    commands.append([*common, "-shared", *objects, "-o", str(shared)])
+    return all(
+        _compiles(command, "C kernels did not compile, torch serves") for command in commands
+    )
 
 
 def operators_command() -> list[str] | None:
@@ -121,53 +138,61 @@ def operator(name: str) -> Callable[..., object] | None:
 
 
 def operators_library() -> Path | None:
-    """``operators.cpp``'s library in the user's cache, built there first if it is not
-    (one process builds, the others wait for it), or None (the log says why)."""
+    """``operators.cpp``'s library in the user's cache (``cached``), or None (the log
+    says why)."""
     command = operators_command()
     if command is None:
         logger.warning("no C++ compiler: the engine's operators are Python's (slower calls)")
         return None
-    digest = hashlib.blake2b((HERE / OPERATORS).read_bytes(), digest_size=12)
-    digest.update(repr([command, torch.__version__]).encode())
-    folder = Path(user_cache()) / "kernels"
-    path = folder / f"operators-{digest.hexdigest()}.so"
+    source = (HERE / OPERATORS).read_bytes()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / ".lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if path.exists():
-                path.touch()  # used: the last to go (``prune_libraries``)
-                return path
-            prune_libraries(folder, KEPT_LIBRARIES - 1)
-            return _build_operators(command, path)
+        return cached(
+            "operators",
+            source + repr([command, torch.__version__]).encode(),
+            partial(_build_operators, command),
+        )
     except OSError as error:
         logger.warning("no cache folder for operators.cpp, Python's kernels serve: %s", error)
         return None
 
 
-KEPT_LIBRARIES = 4
-"""Builds of ``operators.cpp`` the cache keeps (150 KB each): every source or torch
-change builds another, and a few venvs on other torch versions may share the cache."""
+KEPT_LIBRARIES = 6
+"""Builds of each library the cache keeps (up to 150 KB each): every source or torch
+change builds another, each instruction set its own C library (``ONEDNN_MAX_CPU_ISA``),
+and a few venvs on other torch versions may share the cache."""
 
 
-def prune_libraries(folder: Path, keep: int) -> None:
-    """Delete all but the ``keep`` libraries of ``folder`` used last. A process that
-    has one loaded keeps its mapping: the file is only unlinked."""
-    for old in used_longest_ago(folder.glob("operators-*.so"), keep):
+def cached(stem: str, key: bytes, build: Callable[[Path], bool]) -> Path | None:
+    """The library ``stem`` that ``key`` (its sources and commands) names, in the user's
+    cache: built there first if it is not (one process builds, the others wait for it,
+    and find a finished file), or None where ``build`` failed. OSError: no cache."""
+    folder = Path(user_cache()) / "kernels"
+    path = folder / f"{stem}-{hashlib.blake2b(key, digest_size=12).hexdigest()}.so"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            path.touch()  # used: the last to go (``prune_libraries``)
+            return path
+        prune_libraries(folder, stem, KEPT_LIBRARIES - 1)
+        with tempfile.TemporaryDirectory(dir=folder) as building:
+            built = Path(building) / path.name
+            return built.replace(path) if build(built) else None
+
+
+def prune_libraries(folder: Path, stem: str, keep: int) -> None:
+    """Delete all but the ``keep`` libraries ``stem`` of ``folder`` used last. A process
+    that has one loaded keeps its mapping: the file is only unlinked."""
+    for old in used_longest_ago(folder.glob(f"{stem}-*.so"), keep):
         old.unlink(missing_ok=True)
 
 
-def _build_operators(command: list[str], path: Path) -> Path | None:
-    """``operators.cpp`` compiled and linked against torch's libraries, then moved to
-    ``path`` whole (a process that finds it there loads a finished file)."""
+def _build_operators(command: list[str], built: Path) -> bool:
+    """``operators.cpp`` compiled and linked against torch's libraries into ``built``."""
     lib = TORCH / "lib"
     link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]
-    with tempfile.TemporaryDirectory(dir=path.parent) as building:
-        built = Path(building) / path.name
-        compiling = [*command, "-shared", str(HERE / OPERATORS), *link, "-o", str(built)]
-        if not _compiles(compiling, "operators.cpp did not compile, Python's kernels serve"):
-            return None
-        return built.replace(path)
+    compiling = [*command, "-shared", str(HERE / OPERATORS), *link, "-o", str(built)]
+    return _compiles(compiling, "operators.cpp did not compile, Python's kernels serve")
 
 
 def _compiles(command: list[str], failure: str) -> bool:
