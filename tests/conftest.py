@@ -347,15 +347,14 @@ def batch_sizes(server: str) -> Counter[int]:
 
 
 def build_bento(
-    checkpoint: Path, home: Path, bentofile: str = "bentofile.yaml"
+    store: ModelStore, directory: Path, bentofile: str = "bentofile.yaml"
 ) -> tuple[dict[str, str], str]:
-    """``make bento``'s steps: import the model, build with its tag as argument."""
-    env = offline_env(home, checkpoint)
-    imported = import_model(env)
-    assert imported.returncode == 0, imported.stderr
+    """``make bento``'s build, on the model ``store`` holds (imported as ``make bento``
+    imports it), in a BentoML home of its own in ``directory``."""
+    env = {**store.env, "BENTOML_HOME": str(home_linked_to(store, directory))}
     build = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "-f", bentofile,
-         "--arg", f"model_tag={imported.stdout.strip()}", "-o", "tag"],
+         "--arg", f"model_tag={env.pop('CHATBOT_MODEL_TAG')}", "-o", "tag"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
@@ -491,11 +490,11 @@ def kernel_probes(background: ThreadPoolExecutor) -> Future[dict[str, list[dict]
 @pytest.fixture(scope="session")
 def bento_build(
     background: ThreadPoolExecutor,
-    tiny_checkpoint: Path,
+    model_store: ModelStore,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Future[tuple[dict[str, str], str]]:
     """``make bento`` on the tiny model: (environment, Bento tag)."""
-    return background.submit(build_bento, tiny_checkpoint, tmp_path_factory.mktemp("bento-home"))
+    return background.submit(build_bento, model_store, tmp_path_factory.mktemp("bento"))
 
 
 @dataclass(frozen=True)
@@ -543,7 +542,7 @@ class BuiltImage:
     env: dict[str, str]
 
 
-def build_image(checkpoint: Path, home: Path) -> BuiltImage:
+def build_image(store: ModelStore, directory: Path) -> BuiltImage:
     """``make image`` without Docker: a local base image, the Bento, then
     ``bentoml containerize`` with buildah."""
     base = subprocess.run(
@@ -551,7 +550,7 @@ def build_image(checkpoint: Path, home: Path) -> BuiltImage:
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert base.returncode == 0, base.stderr
-    env, bento = build_bento(checkpoint, home, "deploy/bentofile.local-image.yaml")
+    env, bento = build_bento(store, directory, "deploy/bentofile.local-image.yaml")
     env |= CONTAINER_ENV
     image = f"localhost/{bento}"
     containerize = ["containerize", bento, "--backend", "buildah", "-t", image]
@@ -581,10 +580,10 @@ def remove_images_but(image: str, env: dict[str, str]) -> None:
 @pytest.fixture(scope="session")
 def image_build(
     background: ThreadPoolExecutor,
-    tiny_checkpoint: Path,
+    model_store: ModelStore,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Future[BuiltImage]:
-    return background.submit(build_image, tiny_checkpoint, tmp_path_factory.mktemp("image-home"))
+    return background.submit(build_image, model_store, tmp_path_factory.mktemp("image"))
 
 
 # --- page processes -------------------------------------------------------------------------
