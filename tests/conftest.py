@@ -352,9 +352,10 @@ def build_bento(
     """``make bento``'s build, on the model ``store`` holds (imported as ``make bento``
     imports it), in a BentoML home of its own in ``directory``."""
     env = {**store.env, "BENTOML_HOME": str(home_linked_to(store, directory))}
+    tag = env.pop("CHATBOT_MODEL_TAG")  # an argument of the build, not the Bento's setting
     build = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "-f", bentofile,
-         "--arg", f"model_tag={env.pop('CHATBOT_MODEL_TAG')}", "-o", "tag"],
+         "--arg", f"model_tag={tag}", "-o", "tag"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from conftest import batch_sizes
 
-from devtools.processes import LOCAL
+from devtools.processes import LOCAL, service_info
 
 CONCURRENCY = 64
 HI = [{"role": "user", "content": "hi"}]
@@ -173,7 +173,7 @@ def test_mixed_generation_options_under_concurrency(server):
 
 
 def test_info_names_the_model_and_its_limits(server):
-    info = post(server, "/info", {}).json()
+    info = service_info(server)
     assert info["model"] == "tiny-blenderbot"
     assert info["max_new_tokens_limit"] == 127
     assert info["max_beams"] == 16
