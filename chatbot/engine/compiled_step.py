@@ -72,7 +72,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import PreTrainedModel
 
 from chatbot.engine.cpu import cpu_isa
-from chatbot.engine.kernels import attention
+from chatbot.engine.kernels import attention, native
 from chatbot.engine.kernels.rescored import Rescored
 from chatbot.engine.kernels.rows import PackedLinear
 from chatbot.engine.model_step import ModelStep, OneRowCompilable
@@ -340,6 +340,7 @@ def attach(
             return f"could not compile the one-row step in {BUILD_LIMIT_S} s"
         if done.returncode != 0:
             return f"could not compile the one-row step: {done.stderr.strip()[-2000:]}"
+    native.operators()  # loaded before a package runs: the packages call them back
     compiled = load(package)
     if not verified(step, compiled):
         return f"{package} does not give the eager step's values: not used"

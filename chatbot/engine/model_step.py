@@ -274,7 +274,7 @@ def attend_by_run(
     it. The calls per reply are those ``generate`` makes for each reply alone."""
     if attention.applies(query, keys):
         rows, lengths = runs.key_rows
-        return attention.attend_rows(query, keys, values, rows, lengths, scale)
+        return attention.attending()(query, keys, values, rows, lengths, scale)
     alone = runs[0] if len(runs) == 1 else None
     if alone and alone.length == keys.shape[2] and alone.shared_row is None:  # all of them
         return attend(query, keys, values)

@@ -20,6 +20,7 @@ same one.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -66,8 +67,17 @@ def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("chatbot::attend_rows", mutates_args=())
-def attend_rows(
+def attending() -> Callable[..., torch.Tensor]:
+    """``attend_rows`` as the operator where a step is traced (a compiled step calls it
+    back) or where ``operators.cpp``'s kernel serves it; elsewhere its Python kernel,
+    called straight: a call through the dispatcher must not race the loading of
+    ``operators.cpp``'s library, which registers its kernel (``native.operators``)."""
+    if torch.compiler.is_compiling() or native.operators_loaded():
+        return attend_rows
+    return rows_attended
+
+
+def rows_attended(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -78,12 +88,7 @@ def attend_rows(
     """(n, heads, 1, dim) ``query`` row ``i`` attends over ``keys``/``values`` (R,
     kv_heads, width, dim) of row ``rows[i]``, positions ``0 .. lengths[i] - 1``
     (int64, 1 <= lengths <= width, callers' promise); query heads share key heads in
-    groups (grouped-query attention). Returns (n, heads, 1, dim), contiguous.
-
-    An operator, which ``torch.export`` records and a compiled step calls back
-    (``compiled_step``). This Python kernel serves tracing and machines without a C++
-    compiler; elsewhere ``operators.cpp``'s does the same with no Python (``native``):
-    14 against 38 us a one-row Blenderbot call, eager."""
+    groups (grouped-query attention). Returns (n, heads, 1, dim), contiguous."""
     n, heads, _, dim = query.shape
     if keys.stride() != values.stride() or keys.shape != values.shape:
         raise ValueError("keys and values must be laid out alike")
@@ -100,6 +105,13 @@ def attend_rows(
         scale, out.data_ptr(), threads, scratch.data_ptr(), width,
     )  # fmt: skip
     return out
+
+
+attend_rows = torch.library.custom_op("chatbot::attend_rows", rows_attended, mutates_args=())
+"""``rows_attended`` as an operator, which ``torch.export`` records and a compiled step
+calls back (``compiled_step``). Its Python kernel serves tracing and machines without a
+C++ compiler; elsewhere ``operators.cpp``'s does the same with no Python (``native``):
+14 against 38 us a one-row Blenderbot call, eager."""
 
 
 @attend_rows.register_fake

@@ -176,11 +176,24 @@ class FbgemmWeights:
             packed = torch.ops.quantized.linear_prepack(weight, None)
         weights = cls(name, packed, quantized.shape[0])
         cls.loaded[name] = weights
-        keep, forget = native.operator("keep_fbgemm"), native.operator("forget_fbgemm")
-        if keep is not None and forget is not None:  # for the operator's C++ kernel
-            keep(name, packed)
-            weakref.finalize(weights, forget, name, packed).atexit = False  # the end frees them
+        if native.operators_loaded():  # else ``keep_all`` does, when they load
+            weights.keep()
         return weights
+
+    def keep(self) -> None:
+        """Hand the weights to ``operators.cpp``'s kernel under their name, while they live."""
+        torch.ops.chatbot.keep_fbgemm(self.name, self.packed)
+        forget = torch.ops.chatbot.forget_fbgemm
+        weakref.finalize(self, forget, self.name, self.packed).atexit = False  # the end frees them
+
+    @classmethod
+    def keep_all(cls) -> None:
+        """``keep`` every model's weights: ``operators.cpp``'s library has just loaded."""
+        for weights in list(cls.loaded.values()):
+            weights.keep()
+
+
+native.when_operators_load(FbgemmWeights.keep_all)
 
 
 @contextmanager
