@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    if native.operator("keep_fbgemm") is None:
+    if not native.operators():
         raise SystemExit("operators.cpp is not built here (no C++ compiler?): nothing to compare")
     source = checkpoint_of(args.model)
     engine = asyncio.run(in_own_thread(partial(ChatEngine.load, source, "timed", dtype=args.dtype)))
