@@ -144,7 +144,7 @@ def operators() -> bool:
 
     Call it only where no ``chatbot::`` operator can be running: loading the library
     registers kernels for them, which must not race a call through the dispatcher.
-    Only traced and compiled steps call them through it (``attention.attend``), and a
+    Only traced and compiled steps call them through it (``attention.attending``), and a
     compiled step is attached after this call (``compiled_step.attach``)."""
     kernels = library()
     return kernels is not None and _OPERATORS.load(kernels)
@@ -254,9 +254,11 @@ BUILDING = "building-"
 def cached(stem: str, key: bytes, build: Callable[[Path], bool]) -> Path | None:
     """The library ``stem`` that ``key`` (its sources and commands) names, in the user's
     cache: built there first if it is not (one process builds, the others wait for it,
-    and find a finished file), or None where ``build`` failed. OSError: no cache."""
-    path = _library_path(stem, key)
-    folder = path.parent
+    and find a finished file), or None where ``build`` failed. OSError: no cache. A
+    library already there is found without the lock, which a build holds for seconds."""
+    if (found := cached_library(stem, key)) is not None:
+        return found
+    folder = _library_path(stem, key).parent
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -265,6 +267,7 @@ def cached(stem: str, key: bytes, build: Callable[[Path], bool]) -> Path | None:
         prune_libraries(folder, stem, KEPT_LIBRARIES - 1)
         for stale in folder.glob(f"{BUILDING}*"):  # a killed process's, as builds hold the lock
             shutil.rmtree(stale, ignore_errors=True)
+        path = _library_path(stem, key)
         with tempfile.TemporaryDirectory(dir=folder, prefix=BUILDING) as building:
             built = Path(building) / path.name
             return built.replace(path) if build(built) else None
