@@ -87,8 +87,8 @@ def compile_command() -> list[str] | None:
 @cache
 def library() -> ctypes.CDLL | None:
     """Every C source compiled into one library (``cached``) and loaded, then
-    ``operators.cpp``'s library (``operators_library``) handed its attention kernel; or
-    None (no C compiler, or one that failed)."""
+    ``operators.cpp``'s library loaded from the cache or built in the background
+    (``_Operators.start``); or None (no C compiler, or one that failed)."""
     common = compile_command()
     if common is None:
         logger.warning("no C compiler: torch's operations serve (slower)")
@@ -256,18 +256,18 @@ def cached(stem: str, key: bytes, build: Callable[[Path], bool]) -> Path | None:
     cache: built there first if it is not (one process builds, the others wait for it,
     and find a finished file), or None where ``build`` failed. OSError: no cache. A
     library already there is found without the lock, which a build holds for seconds."""
-    if (found := cached_library(stem, key)) is not None:
-        return found
-    folder = _library_path(stem, key).parent
+    path = _library_path(stem, key)
+    if _used(path):
+        return path
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (found := cached_library(stem, key)) is not None:
-            return found
+        if _used(path):
+            return path
         prune_libraries(folder, stem, KEPT_LIBRARIES - 1)
         for stale in folder.glob(f"{BUILDING}*"):  # a killed process's, as builds hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-        path = _library_path(stem, key)
         with tempfile.TemporaryDirectory(dir=folder, prefix=BUILDING) as building:
             built = Path(building) / path.name
             return built.replace(path) if build(built) else None
@@ -277,10 +277,16 @@ def cached_library(stem: str, key: bytes) -> Path | None:
     """The library ``stem`` that ``key`` names, if the cache has it (built whole:
     a build is moved in when done). OSError: no cache."""
     path = _library_path(stem, key)
+    return path if _used(path) else None
+
+
+def _used(path: Path) -> bool:
+    """Whether the library ``path`` is built; touched if it is (used: the last to go,
+    ``prune_libraries``)."""
     if not path.exists():
-        return None
-    path.touch()  # used: the last to go (``prune_libraries``)
-    return path
+        return False
+    path.touch()
+    return True
 
 
 def _library_path(stem: str, key: bytes) -> Path:
