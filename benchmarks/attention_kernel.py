@@ -6,7 +6,9 @@ once per reply (``model_step.attend_by_run``). This times both at a step's shape
 (Blenderbot-400M's 32 heads of 40 over a chat prompt; SmolLM2's 9 heads of 64 sharing
 3 key heads), in turns, and prints each one's time per call, the kernel's pace in
 keys and values read against the machine's own memory pace (a tensor sum, same run),
-and ``kernel / sdpa``. Cold: each row reads its own keys, as a step does.
+and ``kernel / sdpa``; then the kernel over the same keys and values in bfloat16 (the
+cache of ``int8``, ``precision.Precision.cache``) against float32. Cold: each row
+reads its own keys, as a step does.
 
     python benchmarks/attention_kernel.py [--rows 32] [--length 53]
 """
@@ -85,12 +87,18 @@ def compared(
             for r in range(n)
         ]  # fmt: skip
 
-    kernel_ms, sdpa_ms = best_ms(kernel), best_ms(sdpa)
+    halves = keys.bfloat16(), values.bfloat16()
+
+    def kernel_bfloat16() -> torch.Tensor:
+        return attend_rows(query, *halves, rows, lengths, scale)
+
+    kernel_ms, sdpa_ms, halves_ms = best_ms(kernel), best_ms(sdpa), best_ms(kernel_bfloat16)
     read = 2 * n * kv_heads * length * dim * 4 / kernel_ms / 1e6
     return (
         f"{name}: kernel {kernel_ms:.3f} ms ({read:.1f} GB/s of keys and values, "
         f"{read / memory:.2f} of memory's), sdpa per reply {sdpa_ms:.3f} ms, "
-        f"kernel / sdpa: {sdpa_ms / kernel_ms:.2f}"
+        f"kernel / sdpa: {sdpa_ms / kernel_ms:.2f}; bfloat16 keys and values "
+        f"{halves_ms:.3f} ms, float32 / bfloat16: {kernel_ms / halves_ms:.2f}"
     )
 
 

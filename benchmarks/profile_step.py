@@ -1,4 +1,5 @@
-"""Where one decode step's time goes: a torch profile of the decode loop at one client.
+"""Where one decode step's time goes: a torch profile of the decode loop at one client
+(or ``--clients N`` conversations at once).
 
 At one conversation a step multiplies one row by every weight matrix, so its time is
 weight bytes read plus a fixed cost per operation (30 layers of SmolLM2, each a dozen
@@ -11,6 +12,7 @@ packages as the service does (``compiled_step.attach``, building them into
 packages call back (``chatbot::*``) then show their own cost.
 
     python benchmarks/profile_step.py [--model SOURCE] [--dtype int4] [--tokens 64] [--compiled]
+        [--clients 32]
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ def group_of(op: str) -> str:
     return next((g for g, keys in GROUPS.items() if any(k in name for k in keys)), "other")
 
 
-def reply(batcher: ContinuousBatcher, request: ChatRequest) -> int:
-    """Tokens written for ``request`` alone in the decode loop."""
+def reply(batcher: ContinuousBatcher, requests: list[ChatRequest]) -> int:
+    """Tokens written for ``requests``, all sent at once to the decode loop."""
 
-    async def one() -> int:
-        return (await batcher.reply(request)).completion_tokens
+    async def together() -> int:
+        replies = await asyncio.gather(*(batcher.reply(r) for r in requests))
+        return sum(r.completion_tokens for r in replies)
 
-    return asyncio.run(one())
+    return asyncio.run(together())
 
 
 def compiled(batcher: ContinuousBatcher, source: str, dtype: str) -> str:
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--clients", type=int, default=1, help="conversations at once")
     parser.add_argument("--compiled", action="store_true", help="attach the compiled packages")
     args = parser.parse_args()
     # Loaded as the service loads it, in a thread that ends: a thread that keeps an
@@ -87,22 +91,23 @@ def main() -> None:
     source = checkpoint_of(args.model)
     load = partial(ChatEngine.load, source, "profiled", dtype=args.dtype)
     engine = asyncio.run(in_own_thread(load))
-    batcher = ContinuousBatcher(engine, 1, 1)
+    batcher = ContinuousBatcher(engine, args.clients, args.clients)
     try:
         if args.compiled:
             print(compiled(batcher, str(source), args.dtype))
-        request = ChatRequest(
-            messages=conversations(1)[0], max_new_tokens=args.tokens, num_beams=1, do_sample=False
-        )
-        reply(batcher, request)  # warm: first-call allocations are nobody's step
+        requests = [
+            ChatRequest(messages=chat, max_new_tokens=args.tokens, num_beams=1, do_sample=False)
+            for chat in conversations(args.clients)
+        ]
+        reply(batcher, requests)  # warm: first-call allocations are nobody's step
         start = time.perf_counter()
-        tokens = reply(batcher, request)
+        tokens = reply(batcher, requests)
         plain = (time.perf_counter() - start) / tokens
         every_thread = _ExperimentalConfig(profile_all_threads=True)  # the loop has its own
         with profile(
             activities=[ProfilerActivity.CPU], experimental_config=every_thread
         ) as profiled:
-            reply(batcher, request)
+            reply(batcher, requests)
     finally:
         batcher.close()
     ops = [e for e in profiled.key_averages() if e.self_cpu_time_total > 0]

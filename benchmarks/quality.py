@@ -31,7 +31,6 @@ from pathlib import Path
 
 import chitchat_dataset
 import torch
-from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -89,18 +88,20 @@ def reply_nll(engine: ChatEngine, chat: list[dict[str, str]]) -> tuple[float, in
     target = engine.tokenizer(text, add_special_tokens=False).input_ids
     target = torch.tensor([[*target, min(engine.eos_ids)]])
     model = engine.model
+    # The key/value cache the service keeps (int8's in bfloat16, ``Precision.cache``).
+    kept = engine.family.cache_kwargs(model.config, target.shape[1], engine.cache_dtype)
     with torch.inference_mode():
         if is_seq2seq:
             start = torch.tensor([[model.generation_config.decoder_start_token_id]])
             decoder_inputs = torch.cat([start, target[:, :-1]], dim=1)
             with four_bits_throughout():
                 logits = model(
-                    input_ids=torch.tensor([prompt]), decoder_input_ids=decoder_inputs
+                    input_ids=torch.tensor([prompt]), decoder_input_ids=decoder_inputs, **kept
                 ).logits
         else:
             # The prompt as the service computes it, then the reply's positions as its
             # decode steps do (``kernels.int4``: prompts bfloat16, steps 4-bit).
-            cache = DynamicCache(config=model.config)
+            cache = kept["past_key_values"]
             logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache).logits
             logits = logits[:, -1:]
             if target.shape[1] > 1:
@@ -147,6 +148,9 @@ VARIANTS = {
     ),
     "int8, LM head too": precision.Precision("int8", _F32, Int8Linear, Int8Linear),
     "int8, LM head float32": precision.Precision("int8", _F32, Int8Linear),
+    "int8, key/value cache float32": precision.Precision(
+        "int8", _F32, Int8Linear, RescoredInt8Linear
+    ),
     "int4, LM head float32": precision.Precision("int4", _F32, Int4Linear),
     "int4, LM head bfloat16 rescored": precision.Precision(
         "int4", _F32, Int4Linear, RescoredBFloat16Linear
@@ -168,7 +172,8 @@ def load(checkpoint: Path, name: str, label: str) -> ChatEngine:
     if label not in VARIANTS:
         return ChatEngine.load(checkpoint, name, dtype=label)
     engine = ChatEngine.load(checkpoint, name, dtype="float32", pack_weights=False)
-    precision.apply(engine.model, VARIANTS[label], pack_weights=True)
+    engine.precision = VARIANTS[label]  # its key/value cache too
+    precision.apply(engine.model, engine.precision, pack_weights=True)
     return engine
 
 

@@ -267,6 +267,11 @@ class ModelInfo(BaseModel):
         description="On a CPU, the instruction set its kernels use, as oneDNN names it "
         "(avx2, avx512_core_vnni, avx512_core_amx...).",
     )
+    kv_cache: str = Field(
+        default="float32",
+        description="What the key/value cache holds: the model's dtype, or bfloat16 for "
+        "int8 (half the bytes a step of many conversations reads).",
+    )
     attention: Literal["rows", "sdpa"] = Field(
         default="sdpa",
         description="How a decode step attends: rows (one call of the engine's own "

@@ -8,6 +8,7 @@ error of int8 against exact integer arithmetic. Prints one JSON object.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -25,7 +26,7 @@ from chatbot.engine.kernels import (
     RescoredBFloat16Linear,
     RescoredInt8Linear,
 )
-from chatbot.engine.kernels.attention import attend_rows
+from chatbot.engine.kernels.attention import CACHED, attend_rows
 from chatbot.engine.kernels.int8 import absmax_scales, weight_range
 from chatbot.engine.kernels.native import isa_flags
 
@@ -74,10 +75,12 @@ def int8_error(linear: nn.Linear, x: torch.Tensor) -> float:
 def attention_cases_that_differ() -> list[str]:
     """Where a row's attention (``kernels.attention``) differs from the same row in a
     64-row call: fewer rows, the reverse order, a narrower key buffer; with Blenderbot's
-    40-wide heads and SmolLM2's 64-wide grouped ones, some rows reading a shared row."""
+    40-wide heads and SmolLM2's 64-wide grouped ones, some rows reading a shared row;
+    over float32 keys and values, and bfloat16 ones (int8's cache)."""
     differ = []
-    for heads, kv_heads, dim in ((32, 32, 40), (9, 3, 64)):
-        keys, values = torch.randn(2, 64, kv_heads, 80, dim).unbind()
+    shapes = ((32, 32, 40), (9, 3, 64))
+    for (heads, kv_heads, dim), cached in itertools.product(shapes, CACHED):
+        keys, values = torch.randn(2, 64, kv_heads, 80, dim).to(cached).unbind()
         query = torch.randn(64, 1, heads, dim).transpose(1, 2)  # as a step's projection
         lengths = torch.randint(1, 81, (64,))
         rows = torch.where(torch.rand(64) < 0.3, 0, torch.arange(64))
@@ -87,11 +90,11 @@ def attention_cases_that_differ() -> list[str]:
             narrow = keys[:, :, :width], values[:, :, :width]
             alone = attend_rows(query[:n], *narrow, rows[:n], lengths[:n], dim**-0.5)
             if not torch.equal(alone, together[:n]):
-                differ.append(f"{dim}-wide heads, {n} rows")
+                differ.append(f"{dim}-wide heads, {cached}, {n} rows")
         flipped = [t.flip(0) for t in (query, rows, lengths)]
         reverse = attend_rows(flipped[0], keys, values, *flipped[1:], dim**-0.5)
         if not torch.equal(reverse, together.flip(0)):
-            differ.append(f"{dim}-wide heads, reversed")
+            differ.append(f"{dim}-wide heads, {cached}, reversed")
     return differ
 
 

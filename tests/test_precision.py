@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, Served
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import EncoderDecoderCache, PretrainedConfig
 
 from chatbot.engine import precision, precision_names
 from chatbot.engine.chat_engine import ChatEngine
@@ -88,6 +88,30 @@ def test_a_misspelt_dtype_is_refused_with_the_choices(monkeypatch: pytest.Monkey
         Settings.from_env()
 
 
+@pytest.mark.parametrize("family", ["blenderbot", "chat"])
+def test_int8_keeps_keys_and_values_in_bfloat16_in_the_loop_and_in_generate(
+    family: str, tiny_checkpoint: Path, tiny_chat_checkpoint: Path
+):
+    """Half the bytes a many-row step reads; ``generate`` stores what the loop stores
+    (the decode-loop identity tests then hold for int8)."""
+    checkpoint = tiny_checkpoint if family == "blenderbot" else tiny_chat_checkpoint
+    for dtype, stored in (("int8", torch.bfloat16), ("float32", torch.float32)):
+        engine = ChatEngine.load(checkpoint, "tiny", dtype=dtype)
+        assert engine.model_step().slots.dtype == engine.cache_dtype == stored
+        assert engine.info().kv_cache == str(stored).removeprefix("torch.")
+        model = engine.model
+        (cache,) = engine.family.cache_kwargs(model.config, 4, engine.cache_dtype).values()
+        prompt = torch.tensor([[5, 6, 7]])
+        with torch.inference_mode():
+            if isinstance(cache, EncoderDecoderCache):  # a decode step of generate's
+                model(input_ids=prompt, decoder_input_ids=prompt[:, :1], past_key_values=cache)
+                caches = [cache.self_attention_cache, cache.cross_attention_cache]
+            else:
+                model(input_ids=prompt, past_key_values=cache)
+                caches = [cache]
+        assert {c.layers[0].keys.dtype for c in caches} == {stored}
+
+
 @needs_avx512
 def test_a_bfloat16_engine_multiplies_in_bfloat16_and_answers(tiny_checkpoint: Path):
     engine = ChatEngine.load(tiny_checkpoint, "tiny-bf16", dtype="bfloat16")
@@ -105,6 +129,7 @@ def test_a_bfloat16_engine_multiplies_in_bfloat16_and_answers(tiny_checkpoint: P
 def test_the_service_serves_the_precision_it_is_told(int8_served: Served):
     info = service_info(int8_served.url)
     assert (info["device"], info["dtype"], info["cpu_isa"]) == ("cpu", "int8", cpu_isa())
+    assert info["kv_cache"] == "bfloat16"
     assert info["attention"] == ("rows" if attention.library() else "sdpa")
     answer = LOCAL.post(
         f"{int8_served.url}/respond",

@@ -129,6 +129,7 @@ class ChatEngine:
             device=self.model.device.type,
             dtype=self.precision.name,
             cpu_isa=cpu_isa() if self.model.device.type == "cpu" else None,
+            kv_cache=str(self.cache_dtype).removeprefix("torch."),
             attention="rows" if attention.runs_on(self.model) else "sdpa",
             max_new_tokens_limit=self.max_new_tokens_limit,
             default_max_new_tokens=self.defaults.max_new_tokens,
@@ -187,7 +188,15 @@ class ChatEngine:
 
     def model_step(self) -> ModelStep:
         """The decode loop's view of this model (``chatbot.engine.scheduler``)."""
-        return self.family.model_step(self.model, self.window, self.max_new_tokens_limit)
+        return self.family.model_step(
+            self.model, self.window, self.max_new_tokens_limit, self.cache_dtype
+        )
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """What the key/value cache holds (``precision.Precision.cache``), in ``generate``
+        and the decode loop alike, so that their replies stay the same."""
+        return self.precision.cache or self.model.dtype
 
     def prepare(self, request: ReplyRequest) -> PreparedReply:
         """``request`` checked and ready for the decode loop."""
@@ -290,7 +299,7 @@ class ChatEngine:
         """``generate`` arguments: the decoding options and the family's key/value cache."""
         return {
             **self._decoding_kwargs(plan),
-            **self.family.cache_kwargs(self.model.config, plan.max_new_tokens),
+            **self.family.cache_kwargs(self.model.config, plan.max_new_tokens, self.cache_dtype),
         }
 
     def _decoding_kwargs(self, plan: DecodingPlan) -> dict[str, object]:

@@ -59,14 +59,14 @@ class DecoderRows(NamedTuple):
 class EncoderDecoderStep(OneRowCompilable):
     compiled_name = "encoder-decoder"
 
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__(model)
+    def __init__(self, model: PreTrainedModel, stored: torch.dtype | None = None) -> None:
+        super().__init__(model, stored)
         config = model.config
         self.decoder = model.get_decoder()
         self.heads = config.decoder_attention_heads
         self.head_dim = config.d_model // self.heads
         layers, positions = config.decoder_layers, config.max_position_embeddings
-        shape = (layers, self.heads, positions, self.head_dim, model.dtype, self.device)
+        shape = (layers, self.heads, positions, self.head_dim, self.stored, self.device)
         self.slots = RowSlots(*shape)  # self-attention: each row's own positions
         self.cross = RowSlots(*shape)  # cross-attention: a row per reply, its prompt
         self.prompts = torch.zeros((0, 2), dtype=torch.long)

@@ -29,7 +29,7 @@ from transformers import (
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from chatbot.engine.encoder_decoder_step import EncoderDecoderStep
-from chatbot.engine.kv_cache import ReplyCache
+from chatbot.engine.kv_cache import ReplyCache, RoundingCache
 from chatbot.engine.llama_step import LlamaStep
 from chatbot.engine.model_step import DecoderOnlyStep, ModelStep
 from chatbot.prompts.blenderbot import EncodedConversation, encode_conversation
@@ -92,17 +92,23 @@ class Family(ABC):
     def first_new_column(self, prompt_length: int) -> int:
         """Where the reply starts in a row that ``generate`` returns."""
 
-    def cache_kwargs(self, config: PretrainedConfig, max_new_tokens: int) -> dict[str, object]:
-        """``generate`` arguments that choose its key/value cache (default: its own)."""
-        return {}
+    @abstractmethod
+    def cache_kwargs(
+        self, config: PretrainedConfig, max_new_tokens: int, stored: torch.dtype
+    ) -> dict[str, object]:
+        """``generate`` arguments that choose its key/value cache, which holds ``stored``
+        as the loop's slots do."""
 
     @abstractmethod
     def reply_start(self, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
         """(1, S) the ids a reply continues: what ``generate`` starts its output with."""
 
     @abstractmethod
-    def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
-        """The decode loop's model step for this kind of model."""
+    def model_step(
+        self, model: PreTrainedModel, window: int, max_new_tokens: int, stored: torch.dtype
+    ) -> ModelStep:
+        """The decode loop's model step for this kind of model, its keys and values
+        held in ``stored``."""
 
 
 class EncoderDecoder(Family):
@@ -157,14 +163,18 @@ class EncoderDecoder(Family):
     def reply_start(self, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
         return prompt.new_full((1, 1), config.decoder_start_token_id)
 
-    def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
-        return EncoderDecoderStep(model)
+    def model_step(
+        self, model: PreTrainedModel, window: int, max_new_tokens: int, stored: torch.dtype
+    ) -> ModelStep:
+        return EncoderDecoderStep(model, stored)
 
-    def cache_kwargs(self, config: PretrainedConfig, max_new_tokens: int) -> dict[str, object]:
+    def cache_kwargs(
+        self, config: PretrainedConfig, max_new_tokens: int, stored: torch.dtype
+    ) -> dict[str, object]:
         """A cache with room for the reply, never copied whole (``chatbot.engine.kv_cache``);
         the decoder's positions are the start token and the reply."""
         decoder_config = config.get_text_config(decoder=True)
-        return {"past_key_values": ReplyCache(decoder_config, capacity=max_new_tokens + 1)}
+        return {"past_key_values": ReplyCache(decoder_config, max_new_tokens + 1, stored)}
 
 
 class DecoderOnly(Family):
@@ -214,9 +224,17 @@ class DecoderOnly(Family):
     def reply_start(self, prompt: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
         return prompt
 
-    def model_step(self, model: PreTrainedModel, window: int, max_new_tokens: int) -> ModelStep:
+    def cache_kwargs(
+        self, config: PretrainedConfig, max_new_tokens: int, stored: torch.dtype
+    ) -> dict[str, object]:
+        """transformers' own cache, its keys and values rounded to ``stored``."""
+        return {"past_key_values": RoundingCache(config, stored)}
+
+    def model_step(
+        self, model: PreTrainedModel, window: int, max_new_tokens: int, stored: torch.dtype
+    ) -> ModelStep:
         step = LlamaStep if LlamaStep.fits(model) else DecoderOnlyStep
-        return step(model, positions=window + max_new_tokens)
+        return step(model, positions=window + max_new_tokens, stored=stored)
 
 
 ENCODER_DECODER: Family = EncoderDecoder()

@@ -14,6 +14,10 @@ token-identical replies.
 * The cross-attention half is never reordered: it holds the encoder's keys and values,
   the same for every beam of a conversation (generate repeats the encoder output once
   per beam), and a beam's parent is always a beam of the same conversation.
+
+Both hold keys and values in the engine's cache dtype (``precision.Precision.cache``),
+as the decode loop's slots do: rounded once, when stored (``RoundingCache``), so that
+``generate`` attends over the values the loop attends over.
 """
 
 from __future__ import annotations
@@ -34,19 +38,19 @@ class ReplyLayer(DynamicLayer):
     small; the buffers then double.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, stored: torch.dtype) -> None:
         super().__init__()
-        self.capacity = capacity
+        self.capacity, self.stored = capacity, stored
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = self.stored, key_states.device
         self._buffers = [self._empty_like(key_states) for _ in range(4)]
         self.is_initialized = True
 
     def _empty_like(self, states: torch.Tensor) -> torch.Tensor:
         batch, heads, _, width = states.shape
-        return states.new_empty(batch, heads, self.capacity, width)
+        return states.new_empty(batch, heads, self.capacity, width, dtype=self.stored)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -91,15 +95,38 @@ class ReplyLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class RoundingCache(DynamicCache):
+    """transformers' cache, its keys and values stored in ``stored`` (the states'
+    dtype: as they are): what ``generate`` and the decode loop's prompt passes attend
+    over is what the loop's slots hold."""
+
+    def __init__(self, config: PretrainedConfig, stored: torch.dtype) -> None:
+        super().__init__(config=config)
+        self.stored = stored
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = key_states.to(self.stored), value_states.to(self.stored)
+        return super().update(keys, values, layer_idx, *args, **kwargs)
+
+
 class ReplyCache(EncoderDecoderCache):
     """An encoder-decoder cache for one ``generate`` call of at most ``capacity``
-    decoder positions; beam search reorders only its self-attention half."""
+    decoder positions, in ``stored``; beam search reorders only its self-attention half."""
 
-    def __init__(self, decoder_config: PretrainedConfig, capacity: int) -> None:
+    def __init__(
+        self, decoder_config: PretrainedConfig, capacity: int, stored: torch.dtype
+    ) -> None:
         # transformers only calls the "class" to make each layer's cache: a factory will do.
-        layers = cast(type[ReplyLayer], partial(ReplyLayer, capacity))
+        layers = cast(type[ReplyLayer], partial(ReplyLayer, capacity, stored))
         self_attention = Cache(layer_class_to_replicate=layers)
-        super().__init__(self_attention, DynamicCache(config=decoder_config))
+        super().__init__(self_attention, RoundingCache(decoder_config, stored))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.self_attention_cache.reorder_cache(beam_idx)

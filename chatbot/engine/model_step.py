@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatbot.engine.kernels import attention
 from chatbot.engine.kernels.rows import MAX_ROWS_PER_CALL, PackedLinear, row_bucket
+from chatbot.engine.kv_cache import RoundingCache
 from chatbot.engine.slots import RowSlots
 
 
@@ -49,9 +50,11 @@ class ModelStep(ABC):
 
     slots: RowSlots
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, stored: torch.dtype | None = None) -> None:
         self.model = model
         self.device = model.device
+        self.stored = stored or model.dtype
+        """What the key/value slots hold (``precision.Precision.cache``)."""
         model.set_attn_implementation(PER_REPLY)  # admit's spans and decode's runs go to it
         self.packs_prompts = all(map(_prompt_rows_alone, model.modules()))
         """Whether prompts share a pass (``PackedPrompts``): where every product computes
@@ -271,10 +274,12 @@ def attend_by_run(
     batch (the widest row's length, the rest masked) sums in another order: its result
     for a row depends on the width and on the batch size (up to 4.8e-7 apart, enough to
     flip an int8 activation's rounding), so a reply would depend on the replies beside
-    it. The calls per reply are those ``generate`` makes for each reply alone."""
+    it. The calls per reply are those ``generate`` makes for each reply alone. SDPA
+    gets a bfloat16 cache (``precision.Precision.cache``) widened to float32."""
     if attention.applies(query, keys):
         rows, lengths = runs.key_rows
         return attention.attending()(query, keys, values, rows, lengths, scale)
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
     alone = runs[0] if len(runs) == 1 else None
     if alone and alone.length == keys.shape[2] and alone.shared_row is None:  # all of them
         return attend(query, keys, values)
@@ -353,8 +358,10 @@ def attend_per_reply(
     steps (every row as long as the others, no mask) are one run. Prompts packed side
     by side (``PackedPrompts``) pass their ``spans``: each attends alone, unmasked, as
     its pass alone would. Anything else (a prompt, masked batches) is transformers'
-    SDPA attention, as it would be."""
+    SDPA attention, as it would be, over the cache's keys and values widened to the
+    query's dtype (``precision.Precision.cache``)."""
     if spans is not None:
+        key, value = key.to(query.dtype), value.to(query.dtype)
         return torch.cat(
             [
                 sdpa_attention_forward(
@@ -366,6 +373,7 @@ def attend_per_reply(
         ), None
     if runs is None:
         if attention_mask is not None or query.shape[2] != 1:
+            key, value = key.to(query.dtype), value.to(query.dtype)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         runs = Runs([_Run(slice(0, query.shape[0]), key.shape[2])])
 
@@ -394,13 +402,15 @@ class _RowsCache(Cache):
 
 
 class DecoderOnlyStep(ModelStep):
-    def __init__(self, model: PreTrainedModel, positions: int) -> None:
-        super().__init__(model)
+    def __init__(
+        self, model: PreTrainedModel, positions: int, stored: torch.dtype | None = None
+    ) -> None:
+        super().__init__(model, stored)
         config = model.config.get_text_config()
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         heads = config.num_key_value_heads or heads  # grouped-query attention caches fewer
-        shape = (config.num_hidden_layers, heads, positions, head_dim, model.dtype, self.device)
+        shape = (config.num_hidden_layers, heads, positions, head_dim, self.stored, self.device)
         self.slots = RowSlots(*shape)
 
     def admit(self, prompts: Sequence[Sequence[int]], firsts: Sequence[int], copies: Sequence[int]):
@@ -419,7 +429,7 @@ class DecoderOnlyStep(ModelStep):
         ``generate`` runs each alone, and copy each one's keys and values into its rows;
         each row's logits of its reply's first token."""
         packed = PackedPrompts.of(prompts, self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = RoundingCache(self.model.config, self.stored)
         logits = self.model(
             input_ids=packed.ids,
             position_ids=packed.positions,

@@ -3,8 +3,9 @@
 As CTranslate2 treats its compute type, precision is a property of the loaded model,
 chosen once and refused up front, with a message that names it, where the device cannot
 run it. On a CPU the linear layers, nearly all of a step's work, get a kernel of that
-precision (``chatbot.engine.kernels``); embeddings, norms, attention and the key/value
-cache stay float32. On a GPU the whole model is cast.
+precision (``chatbot.engine.kernels``); embeddings, norms and attention stay float32,
+and so does the key/value cache, but for int8's (``Precision.cache``). On a GPU the
+whole model is cast.
 """
 
 from __future__ import annotations
@@ -53,13 +54,26 @@ class Precision:
     head: type[PackedLinear] | None = None
     """The LM head's kernel (and that of any layer ``kernel`` cannot take); None:
     float32, packed when asked to be (``LM_HEAD``)."""
+    cache: torch.dtype | None = None
+    """The key/value cache's dtype; None: the model's. At 32 conversations a decode
+    step reads every reply's keys and values (Blenderbot-400M: about 270 MB a step),
+    from memory, not the caches, since the weights streamed through them in between;
+    int8 keeps them in bfloat16, half the bytes: the attention kernel widens them back
+    to float32 exactly (``kernels.attention``), so only their rounding, once, when
+    stored, costs quality (``CACHE``)."""
+
+
+CACHE = torch.bfloat16
+"""int8's key/value cache. In bfloat16, a key or value is rounded to 8 significant
+bits, as int8's activations are already (per row); measured (SmolLM2-135M-Instruct,
+``benchmarks/quality.py``): README's Precision table."""
 
 
 FLOAT32 = Precision("float32", torch.float32)
 CPU_PRECISIONS = {
     "float32": FLOAT32,
     "bfloat16": Precision("bfloat16", torch.float32, BFloat16Linear),
-    "int8": Precision("int8", torch.float32, Int8Linear, head=RescoredInt8Linear),
+    "int8": Precision("int8", torch.float32, Int8Linear, head=RescoredInt8Linear, cache=CACHE),
     "int4": Precision("int4", torch.float32, Int4Linear, head=RescoredInt8Linear),
     "float16": Precision("float16", torch.float16),  # stock layers: no fast CPU kernel
 }

@@ -122,8 +122,8 @@ class RowSlots:
         """Store one new position per row (``at``): ``keys``/``values`` are (n, heads,
         1, dim) for rows 0..n-1."""
         rows, positions = at
-        self.keys[layer][rows, :, positions] = keys[:, :, 0]
-        self.values[layer][rows, :, positions] = values[:, :, 0]
+        self.keys[layer][rows, :, positions] = keys[:, :, 0].to(self.dtype)
+        self.values[layer][rows, :, positions] = values[:, :, 0].to(self.dtype)
 
     def fill(self, layer: int, rows: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store a prompt's positions 0..L-1 (``keys`` (1 or len(rows), heads, L, dim))."""
@@ -131,8 +131,8 @@ class RowSlots:
         self.reserve(rows.stop, length)
         self.written = max(self.written, length)
         self.lineage.filled(range(rows.start, rows.stop), length)
-        self.keys[layer][rows, :, :length] = keys
-        self.values[layer][rows, :, :length] = values
+        self.keys[layer][rows, :, :length] = keys.to(self.dtype)
+        self.values[layer][rows, :, :length] = values.to(self.dtype)
 
     def view(self, layer: int, rows: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -166,11 +166,12 @@ class RowSlots:
     def _copy_spans(self, spans: list[tuple[int, int, int]]) -> None:
         """Row ``target`` takes row ``source``'s positions ``start .. written - 1``, for
         each (source, target, start), all at once, in every buffer: one pass of
-        ``reorder.c`` each where it runs (each pair from its own start), else torch's
-        gather and scatter (from the earliest start)."""
+        ``reorder.c`` each where it runs (each pair from its own start; bfloat16 moved
+        as float32 pairs, head sizes being even), else torch's gather and scatter (from
+        the earliest start)."""
         buffers = [*self.keys, *self.values]
         kernel = native.library() if self.device.type == "cpu" else None
-        if kernel is None or self.dtype != torch.float32:
+        if kernel is None or self.dtype not in (torch.float32, torch.bfloat16):
             at = partial(torch.tensor, device=self.device)
             sources, targets, starts = zip(*spans, strict=True)
             rows_from, rows_to = at(sources), at(targets)
@@ -178,13 +179,15 @@ class RowSlots:
             for buffer in buffers:
                 buffer[rows_to, :, positions] = buffer[rows_from, :, positions]
             return
+        buffers = [buffer.view(torch.float32) for buffer in buffers]
+        dim = buffers[0].shape[-1]
         sources, targets, starts = torch.tensor(spans).T.contiguous()
-        copied = int((self.written - starts).sum()) * self.heads * self.head_dim
+        copied = int((self.written - starts).sum()) * self.heads * dim
         scratch = torch.empty(copied, dtype=torch.float32)
         pointers = (ctypes.c_void_p * len(buffers))(*[b.data_ptr() for b in buffers])
         rows, heads = buffers[0].stride(0), buffers[0].stride(1)
         kernel.copy_spans(
-            pointers, len(buffers), rows, heads, self.head_dim, self.heads,
+            pointers, len(buffers), rows, heads, dim, self.heads,
             sources.data_ptr(), targets.data_ptr(), starts.data_ptr(), len(spans),
             self.written, scratch.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip

@@ -15,7 +15,12 @@
  * with constant sizes); with AVX2, 16 lanes are two 8-lane halves (``lanes``). On a
  * 2-core AVX2 EPYC both together took a 32-row Blenderbot call from 3.06 to 0.51 ms
  * (``benchmarks/attention_kernel.py``). The softmax's exponential is computed eight
- * lanes at a time (``exp_lanes``): libm's, one at a time, was 30% of such a call. */
+ * lanes at a time (``exp_lanes``): libm's, one at a time, was 30% of such a call.
+ *
+ * Keys and values are float32 or bfloat16 (``kv_bfloat16``: the cache of a precision
+ * that keeps them in half the bytes, ``precision.Precision.cache``), widened to float32
+ * as they are loaded: a bfloat16 is a float32's upper half, so widening is exact, and
+ * everything after it is the float32 kernel's arithmetic. */
 
 #include <math.h>
 #include <omp.h>
@@ -34,6 +39,19 @@ static inline half_lanes load_half(const float *p) {
     return x;
 }
 
+typedef uint16_t half_shorts __attribute__((vector_size(16)));
+typedef uint32_t half_words __attribute__((vector_size(32)));
+
+/* 8 bfloat16s widened to float32: each one's bits become a float's upper half. */
+static inline half_lanes load_half_bfloat16(const uint16_t *p) {
+    half_shorts x;
+    memcpy(&x, p, sizeof x);
+    half_words wide = __builtin_convertvector(x, half_words) << 16;
+    half_lanes y;
+    memcpy(&y, &wide, sizeof y);
+    return y;
+}
+
 /* 16 lanes: one register with AVX-512; two halves with AVX2, where GCC lowered a
  * 64-byte vector's scalar products and sums through memory, 2.5x slower. The same
  * operations on the same lanes either way. */
@@ -46,6 +64,18 @@ static inline lanes load(const float *p) {
     lanes x;
     memcpy(&x, p, sizeof x);
     return x;
+}
+
+typedef uint16_t shorts __attribute__((vector_size(32)));
+typedef uint32_t words __attribute__((vector_size(64)));
+
+static inline lanes load_bfloat16(const uint16_t *p) {
+    shorts x;
+    memcpy(&x, p, sizeof x);
+    words wide = __builtin_convertvector(x, words) << 16;
+    lanes y;
+    memcpy(&y, &wide, sizeof y);
+    return y;
 }
 
 static inline lanes add_product(lanes sum, lanes a, lanes b) { return sum + a * b; }
@@ -77,6 +107,10 @@ static inline lanes zero_lanes(void) { return (lanes){{0}, {0}}; }
 
 static inline lanes load(const float *p) { return (lanes){load_half(p), load_half(p + 8)}; }
 
+static inline lanes load_bfloat16(const uint16_t *p) {
+    return (lanes){load_half_bfloat16(p), load_half_bfloat16(p + 8)};
+}
+
 static inline lanes add_product(lanes sum, lanes a, lanes b) {
     return (lanes){sum.low + a.low * b.low, sum.high + a.high * b.high};
 }
@@ -104,6 +138,16 @@ static inline float lane_sum(lanes x) {
     return y[0] + y[1];
 }
 
+/* Element i of a key or value row, float32 or bfloat16 (a constant where inlined). */
+static inline lanes load_kv(const void *row, int64_t i, int bfloat16) {
+    return bfloat16 ? load_bfloat16((const uint16_t *)row + i) : load((const float *)row + i);
+}
+
+static inline half_lanes load_kv_half(const void *row, int64_t i, int bfloat16) {
+    return bfloat16 ? load_half_bfloat16((const uint16_t *)row + i)
+                    : load_half((const float *)row + i);
+}
+
 /* A head of dim = 16 * blocks (+ 8 when half): its vectors, loaded or summed. */
 typedef struct {
     lanes full[MAX_DIM / LANES];
@@ -112,10 +156,11 @@ typedef struct {
 
 /* q . key: each lane's products summed in order, then the lanes (the half's added to
  * the first 8 lanes first). */
-static inline float dot(const head *q, const float *key, int64_t blocks, int half) {
+static inline float dot(const head *q, const void *key, int64_t blocks, int half, int bfloat16) {
     lanes part = zero_lanes();
-    for (int64_t b = 0; b < blocks; b++) part = add_product(part, q->full[b], load(key + LANES * b));
-    if (half) part = add_low(part, q->half * load_half(key + LANES * blocks));
+    for (int64_t b = 0; b < blocks; b++)
+        part = add_product(part, q->full[b], load_kv(key, LANES * b, bfloat16));
+    if (half) part = add_low(part, q->half * load_kv_half(key, LANES * blocks, bfloat16));
     return lane_sum(part);
 }
 
@@ -165,19 +210,20 @@ static inline float exp_shifted(float *scores, int64_t length, float top) {
 }
 
 /* Fetch [at, at + bytes) into L2, for a later read. */
-static inline void fetch(const float *at, int64_t bytes) {
+static inline void fetch(const char *at, int64_t bytes) {
     for (int64_t offset = 0; offset < bytes; offset += LINE)
         __builtin_prefetch((const char *)at + offset, 0, 2);
 }
 
-/* softmax(scale * q . k[0..length)) . v[0..length) into out; dim = 16 * blocks (+ 8).
+/* softmax(scale * q . k[0..length)) . v[0..length) into out; dim = 16 * blocks (+ 8);
+ * k and v hold float32 or bfloat16 (2 bytes) elements, position_stride bytes apart.
  * Position j of next_k and next_v (the next item's keys and values) is fetched as
  * position j here is read. */
 static inline __attribute__((always_inline)) void attend_one(
-    const float *q, const float *k, const float *v, int64_t position_stride, int64_t length,
-    int64_t blocks, int half, float scale, float *scores, float *out, const float *next_k,
-    const float *next_v) {
-    int64_t bytes = (LANES * blocks + 8 * half) * (int64_t)sizeof(float);
+    const float *q, const char *k, const char *v, int64_t position_stride, int64_t length,
+    int64_t blocks, int half, int bfloat16, float scale, float *scores, float *out,
+    const char *next_k, const char *next_v) {
+    int64_t bytes = (LANES * blocks + 8 * half) * (bfloat16 ? 2 : (int64_t)sizeof(float));
     head query, sums;
     for (int64_t b = 0; b < blocks; b++) {
         query.full[b] = load(q + LANES * b);
@@ -188,16 +234,16 @@ static inline __attribute__((always_inline)) void attend_one(
     float top = -INFINITY;
     for (int64_t j = 0; j < length; j++) {
         fetch(next_k + j * position_stride, bytes);
-        scores[j] = dot(&query, k + j * position_stride, blocks, half) * scale;
+        scores[j] = dot(&query, k + j * position_stride, blocks, half, bfloat16) * scale;
         top = scores[j] > top ? scores[j] : top;
     }
     float total = exp_shifted(scores, length, top);
     for (int64_t j = 0; j < length; j++) {
-        const float *value = v + j * position_stride;
+        const char *value = v + j * position_stride;
         fetch(next_v + j * position_stride, bytes);
         for (int64_t b = 0; b < blocks; b++)
-            sums.full[b] = add_scaled(sums.full[b], scores[j], load(value + LANES * b));
-        if (half) sums.half += scores[j] * load_half(value + LANES * blocks);
+            sums.full[b] = add_scaled(sums.full[b], scores[j], load_kv(value, LANES * b, bfloat16));
+        if (half) sums.half += scores[j] * load_kv_half(value, LANES * blocks, bfloat16);
     }
     float inverse = 1.0f / total;
     for (int64_t b = 0; b < blocks; b++) store_scaled(out + LANES * b, sums.full[b], inverse);
@@ -208,15 +254,18 @@ static inline __attribute__((always_inline)) void attend_one(
 }
 
 /* out[r, h] = attention of query[r, h] over keys/values[rows[r], h / group, 0..lengths[r]).
- * dim is a multiple of 8, up to 256; strides are in floats; out is (n, heads, dim),
- * contiguous; scratch holds threads times
+ * dim is a multiple of 8, up to 256; keys and values are float32, or bfloat16 where
+ * kv_bfloat16; strides are in elements; out is (n, heads, dim), contiguous; scratch
+ * holds threads times
  * the longest length. A thread takes items (row, head) in runs of up to 16, so that
  * the item it fetches ahead is mostly its own next. */
-void attend_rows(const float *query, int64_t query_row, int64_t query_head, const float *keys,
-                 const float *values, int64_t kv_row, int64_t kv_head, int64_t kv_position,
-                 const int64_t *rows, const int64_t *lengths, int64_t n, int64_t heads,
-                 int64_t group, int64_t dim, float scale, float *out, int threads,
-                 float *scratch, int64_t longest) {
+void attend_rows(const float *query, int64_t query_row, int64_t query_head, const void *keys,
+                 const void *values, int kv_bfloat16, int64_t kv_row, int64_t kv_head,
+                 int64_t kv_position, const int64_t *rows, const int64_t *lengths, int64_t n,
+                 int64_t heads, int64_t group, int64_t dim, float scale, float *out,
+                 int threads, float *scratch, int64_t longest) {
+    int64_t size = kv_bfloat16 ? 2 : (int64_t)sizeof(float);
+    const char *k = keys, *v = values;
     int64_t items = n * heads, run = items / (4 * (int64_t)threads);
     run = run < 1 ? 1 : run > 16 ? 16 : run;
 #pragma omp parallel num_threads(threads)
@@ -225,19 +274,26 @@ void attend_rows(const float *query, int64_t query_row, int64_t query_head, cons
 #pragma omp for schedule(dynamic, run)
         for (int64_t item = 0; item < items; item++) {
             int64_t r = item / heads, h = item % heads;
-            int64_t at = rows[r] * kv_row + (h / group) * kv_head;
+            int64_t at = (rows[r] * kv_row + (h / group) * kv_head) * size;
             int64_t next = item + 1 < items ? item + 1 : item;
-            int64_t next_at = rows[next / heads] * kv_row + (next % heads / group) * kv_head;
+            int64_t next_at = (rows[next / heads] * kv_row + (next % heads / group) * kv_head) * size;
             const float *q = query + r * query_row + h * query_head;
-#define ATTEND(blocks, half)                                                                  \
-    attend_one(q, keys + at, values + at, kv_position, lengths[r], blocks, half, scale, scores, \
-               out + item * dim, keys + next_at, values + next_at)
-            if (dim == 40) /* Blenderbot's heads */
-                ATTEND(2, 1);
-            else if (dim == 64) /* SmolLM2's and Llama's */
-                ATTEND(4, 0);
-            else
-                ATTEND(dim / LANES, dim % LANES != 0);
+#define ATTEND(blocks, half, bfloat16)                                                          \
+    attend_one(q, k + at, v + at, kv_position * size, lengths[r], blocks, half, bfloat16, scale, \
+               scores, out + item * dim, k + next_at, v + next_at)
+#define ATTEND_ANY(bfloat16)                                                       \
+    if (dim == 40) /* Blenderbot's heads */                                        \
+        ATTEND(2, 1, bfloat16);                                                    \
+    else if (dim == 64) /* SmolLM2's and Llama's */                                \
+        ATTEND(4, 0, bfloat16);                                                    \
+    else                                                                           \
+        ATTEND(dim / LANES, dim % LANES != 0, bfloat16)
+            if (kv_bfloat16) {
+                ATTEND_ANY(1);
+            } else {
+                ATTEND_ANY(0);
+            }
+#undef ATTEND_ANY
 #undef ATTEND
         }
     }

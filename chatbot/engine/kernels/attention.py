@@ -47,6 +47,11 @@ def library() -> CDLL | None:
     return native.library()
 
 
+CACHED = (torch.float32, torch.bfloat16)
+"""The keys and values it reads: float32, or bfloat16 where a precision caches them in
+half the bytes (``precision.Precision.cache``), widened to float32 as they are read."""
+
+
 def runs_on(model: PreTrainedModel) -> bool:
     """Whether ``model``'s decode steps attend with this kernel (float32 on a CPU)."""
     cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
@@ -58,7 +63,8 @@ def applies(query: torch.Tensor, keys: torch.Tensor) -> bool:
     dim = query.shape[-1]
     return (
         query.shape[2] == 1
-        and query.dtype == keys.dtype == torch.float32
+        and query.dtype == torch.float32
+        and keys.dtype in CACHED
         and query.device.type == "cpu"
         and dim % 8 == 0
         and dim <= MAX_DIM
@@ -92,6 +98,8 @@ def rows_attended(
     n, heads, _, dim = query.shape
     if keys.stride() != values.stride() or keys.shape != values.shape:
         raise ValueError("keys and values must be laid out alike")
+    if keys.dtype != values.dtype:
+        raise ValueError("keys and values must be of one dtype")
     threads, width = torch.get_num_threads(), keys.shape[2]
     out = torch.empty((n, heads, 1, dim), dtype=query.dtype)
     scratch = torch.empty(threads * width, dtype=torch.float32)
@@ -99,8 +107,8 @@ def rows_attended(
     kernel = library()
     assert kernel is not None, "attend_rows needs the kernel (``applies``)"
     kernel.attend_rows(
-        query.data_ptr(), query.stride(0), query.stride(1),
-        keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+        query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(),
+        keys.dtype == torch.bfloat16, keys.stride(0), keys.stride(1), keys.stride(2),
         rows.data_ptr(), lengths.data_ptr(), n, heads, heads // keys.shape[1], dim,
         scale, out.data_ptr(), threads, scratch.data_ptr(), width,
     )  # fmt: skip

@@ -60,8 +60,9 @@ does (no fused multiply-adds)."""
 
 _I64, _POINTER, _FLOAT, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    "attend_rows": [_POINTER, _I64, _I64, _POINTER, _POINTER, _I64, _I64, _I64, _POINTER,
-                    _POINTER, _I64, _I64, _I64, _I64, _FLOAT, _POINTER, _INT, _POINTER, _I64],
+    "attend_rows": [_POINTER, _I64, _I64, _POINTER, _POINTER, _INT, _I64, _I64, _I64,
+                    _POINTER, _POINTER, _I64, _I64, _I64, _I64, _FLOAT, _POINTER, _INT,
+                    _POINTER, _I64],
     "quantize_rows": [_POINTER, _I64, _I64, _I64, _FLOAT, _INT, _POINTER, _POINTER, _INT],
     "scale_rows": [_POINTER, _I64, _I64, _POINTER, _POINTER, _INT],
     "copy_spans": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _I64,

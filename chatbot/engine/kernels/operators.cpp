@@ -24,11 +24,11 @@ namespace {
 /* attention.c's attend_rows, of the C library built for this CPU (native.py hands it
  * over): this library is built once for every instruction set. */
 using AttendRows = void (*)(const float *query, int64_t query_row, int64_t query_head,
-                            const float *keys, const float *values, int64_t kv_row,
-                            int64_t kv_head, int64_t kv_position, const int64_t *rows,
-                            const int64_t *lengths, int64_t n, int64_t heads, int64_t group,
-                            int64_t dim, float scale, float *out, int threads, float *scratch,
-                            int64_t longest);
+                            const void *keys, const void *values, int kv_bfloat16,
+                            int64_t kv_row, int64_t kv_head, int64_t kv_position,
+                            const int64_t *rows, const int64_t *lengths, int64_t n,
+                            int64_t heads, int64_t group, int64_t dim, float scale, float *out,
+                            int threads, float *scratch, int64_t longest);
 AttendRows attend_rows = nullptr;
 
 /* attention.py's attend_rows, argument for argument: attention.c's kernel over every row. */
@@ -37,14 +37,16 @@ at::Tensor attend(const at::Tensor &query, const at::Tensor &keys, const at::Ten
     TORCH_CHECK(attend_rows != nullptr, "attention.c's kernel was not handed over");
     TORCH_CHECK(keys.strides() == values.strides() && keys.sizes() == values.sizes(),
                 "keys and values must be laid out alike");
+    TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "keys and values must be of one dtype");
     int64_t n = query.size(0), heads = query.size(1), dim = query.size(3), width = keys.size(2);
     int threads = at::get_num_threads();
     at::Tensor out = at::empty({n, heads, 1, dim}, query.options());
     at::Tensor scratch = at::empty({threads * width}, query.options());
     at::Tensor row_of = rows.contiguous(), length_of = lengths.contiguous();
     attend_rows(query.const_data_ptr<float>(), query.stride(0), query.stride(1),
-                keys.const_data_ptr<float>(), values.const_data_ptr<float>(), keys.stride(0),
-                keys.stride(1), keys.stride(2), row_of.const_data_ptr<int64_t>(),
+                keys.const_data_ptr(), values.const_data_ptr(),
+                keys.scalar_type() == at::kBFloat16, keys.stride(0), keys.stride(1),
+                keys.stride(2), row_of.const_data_ptr<int64_t>(),
                 length_of.const_data_ptr<int64_t>(), n, heads, heads / keys.size(1), dim,
                 static_cast<float>(scale), out.mutable_data_ptr<float>(), threads,
                 scratch.mutable_data_ptr<float>(), width);
