@@ -26,7 +26,7 @@ import argparse
 import asyncio
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import chitchat_dataset
@@ -44,7 +44,6 @@ from chatbot.engine.kernels import (  # noqa: E402
     Int4Linear,
     Int8Linear,
     RescoredBFloat16Linear,
-    RescoredInt8Linear,
 )
 from chatbot.engine.kernels.int4 import four_bits_throughout  # noqa: E402
 from chatbot.models.checkpoint import fingerprint, save_checkpoint  # noqa: E402
@@ -141,25 +140,22 @@ class Int4LinearPromptsToo(Int4Linear):
     prompts_in_bfloat16 = False
 
 
-_F32 = torch.float32
+INT8, INT4, BFLOAT16 = (precision.CPU_PRECISIONS[n] for n in ("int8", "int4", "bfloat16"))
 VARIANTS = {
-    "int4, prompts in 4 bits too": precision.Precision(
-        "int4", _F32, Int4LinearPromptsToo, RescoredInt8Linear
-    ),
-    "int8, LM head too": precision.Precision("int8", _F32, Int8Linear, Int8Linear),
-    "int8, LM head float32": precision.Precision("int8", _F32, Int8Linear),
-    "int8, key/value cache float32": precision.Precision(
-        "int8", _F32, Int8Linear, RescoredInt8Linear
-    ),
-    "int4, LM head float32": precision.Precision("int4", _F32, Int4Linear),
-    "int4, LM head bfloat16 rescored": precision.Precision(
-        "int4", _F32, Int4Linear, RescoredBFloat16Linear
-    ),
-    "int4, LM head bfloat16": precision.Precision("int4", _F32, Int4Linear, BFloat16Linear),
-    "int4, LM head too": precision.Precision("int4", _F32, Int4Linear, Int4Linear),
+    "int4, prompts in 4 bits too": replace(INT4, kernel=Int4LinearPromptsToo),
+    "int8, LM head too": replace(INT8, head=Int8Linear),
+    "int8, LM head float32": replace(INT8, head=None),
+    "int8, key/value cache float32": replace(INT8, cache=None),
+    "int4, key/value cache float32": replace(INT4, cache=None),
+    "bfloat16, key/value cache float32": replace(BFLOAT16, cache=None),
+    "int4, LM head float32": replace(INT4, head=None),
+    "int4, LM head bfloat16 rescored": replace(INT4, head=RescoredBFloat16Linear),
+    "int4, LM head bfloat16": replace(INT4, head=BFloat16Linear),
+    "int4, LM head too": replace(INT4, head=Int4Linear),
 }
-"""Variants the service does not offer, measured to show why it holds the LM head as
-it does (``chatbot.engine.precision.CPU_PRECISIONS``)."""
+"""Variants the service does not offer, each an offered precision with one thing
+changed, measured to show why it holds the LM head and the key/value cache as it does
+(``chatbot.engine.precision.CPU_PRECISIONS``)."""
 
 
 def offered() -> list[str]:

@@ -15,6 +15,7 @@ from torch.nn import functional
 
 from chatbot.engine.kernels import attention
 from chatbot.engine.kernels.attention import applies, attend_rows
+from chatbot.engine.model_step import Run, Runs, attend_by_run
 
 pytestmark = pytest.mark.skipif(
     attention.library() is None, reason="no C compiler: SDPA serves instead"
@@ -72,10 +73,36 @@ def test_scores_far_apart_weigh_as_in_sdpa():
 def test_it_takes_only_what_it_computes():
     keys = torch.zeros(1, 2, 4, 40)
     assert applies(torch.zeros(3, 2, 1, 40), keys)
+    assert applies(torch.zeros(3, 2, 1, 40), keys.bfloat16()), "int8's cache"
     assert not applies(torch.zeros(3, 2, 2, 40), keys), "one query position per row"
     assert not applies(torch.zeros(3, 2, 1, 12), torch.zeros(1, 2, 4, 12)), "dim % 8"
     assert not applies(torch.zeros(3, 2, 1, 40).half(), keys.half())
     assert not applies(torch.zeros(3, 2, 1, 512), torch.zeros(1, 2, 4, 512)), "too wide"
+
+
+@pytest.mark.parametrize("dim", [40, 64, 24])
+def test_bfloat16_keys_and_values_are_read_as_their_float32_values(dim: int):
+    """int8's cache (``precision.CACHE``): widened as loaded, exactly, so a row gets
+    what the float32 kernel gives over the rounded keys, to the bit."""
+    generator = torch.Generator().manual_seed(dim)
+    keys, values = torch.randn(2, 5, 4, 30, dim, generator=generator).bfloat16().unbind()
+    query = torch.randn(5, 4, 1, dim, generator=generator)
+    rows, lengths = torch.tensor([0, 1, 1, 3, 4]), torch.tensor([1, 9, 16, 17, 30])
+    halves = attend_rows(query, keys, values, rows, lengths, dim**-0.5)
+    widened = attend_rows(query, keys.float(), values.float(), rows, lengths, dim**-0.5)
+    assert halves.dtype == torch.float32
+    assert torch.equal(halves, widened)
+
+
+def test_where_the_kernel_does_not_apply_sdpa_reads_a_bfloat16_cache_widened():
+    keys, values = torch.randn(2, 3, 2, 10, 12).bfloat16().unbind()  # 12: not the kernel's
+    query = torch.randn(3, 2, 1, 12)
+    runs = Runs([Run(slice(0, 1), 4), Run(slice(1, 3), 10)])
+    sdpa = functional.scaled_dot_product_attention
+    got = attend_by_run(runs, query, keys, values, sdpa, 12**-0.5)
+    wide = keys.float(), values.float()
+    assert torch.equal(got[:1], sdpa(query[:1], wide[0][:1, :, :4], wide[1][:1, :, :4]))
+    assert torch.equal(got[1:], sdpa(query[1:], wide[0][1:], wide[1][1:]))
 
 
 def test_sdpa_can_be_chosen_instead():

@@ -92,10 +92,11 @@ def test_a_misspelt_dtype_is_refused_with_the_choices(monkeypatch: pytest.Monkey
 def test_int8_keeps_keys_and_values_in_bfloat16_in_the_loop_and_in_generate(
     family: str, tiny_checkpoint: Path, tiny_chat_checkpoint: Path
 ):
-    """Half the bytes a many-row step reads; ``generate`` stores what the loop stores
-    (the decode-loop identity tests then hold for int8)."""
+    """Half the bytes a many-row step reads (int8 only: ``precision.CACHE``);
+    ``generate`` stores what the loop stores (the decode-loop identity tests then hold)."""
     checkpoint = tiny_checkpoint if family == "blenderbot" else tiny_chat_checkpoint
-    for dtype, stored in (("int8", torch.bfloat16), ("float32", torch.float32)):
+    kept = {"float32": torch.float32, "int8": torch.bfloat16, "int4": torch.float32}
+    for dtype, stored in kept.items():
         engine = ChatEngine.load(checkpoint, "tiny", dtype=dtype)
         assert engine.model_step().slots.dtype == engine.cache_dtype == stored
         assert engine.info().kv_cache == str(stored).removeprefix("torch.")

@@ -3,7 +3,7 @@
 Admitting replies runs the encoder on their prompts (side by side, each as if alone:
 ``PackedPrompts``) and projects each one's cross-attention keys and values once, into
 a cross-attention row of its own that all its beams read
-(``_Run.shared_row``): a copy per beam was 10x the memory, and about 1.2 GB read at
+(``Run.shared_row``): a copy per beam was 10x the memory, and about 1.2 GB read at
 every step of 16 ten-beam replies of Blenderbot-400M. Each step then runs the
 decoder layers by hand, from the model's own modules, because transformers' Blenderbot
 decoder takes one position for the whole batch: every row here brings its own position
@@ -30,8 +30,8 @@ from chatbot.engine.kernels.rows import padded_by
 from chatbot.engine.model_step import (
     OneRowCompilable,
     PackedPrompts,
+    Run,
     Runs,
-    _Run,
     _runs,
     attend_by_run,
     batch_dims,
@@ -150,7 +150,7 @@ class EncoderDecoderStep(OneRowCompilable):
             hidden = batch(*inputs)
         else:
             prompt_runs = Runs(
-                _Run(run.rows, run.length, shared_row=cross_rows[run.rows.start])
+                Run(run.rows, run.length, shared_row=cross_rows[run.rows.start])
                 for run in _runs(prompt_lengths, replies)
             )
             rows = DecoderRows(self.slots.at(positions), own_runs, width, prompt_runs, prompt_width)
@@ -333,7 +333,7 @@ class OneRowDecoderLayers(CompiledLayers):
     ) -> torch.Tensor:
         width, prompt_width = width_of.shape[0], prompt_width_of.shape[0]
         slots, cross = RowSlots.over(keys, values), RowSlots.over(cross_keys, cross_values)
-        own, prompt = Runs([_Run(slice(0, 1), width)]), Runs([_Run(slice(0, 1), prompt_width)])
+        own, prompt = Runs([Run(slice(0, 1), width)]), Runs([Run(slice(0, 1), prompt_width)])
         rows = DecoderRows(slots.at(position), own, width, prompt, prompt_width)
         return self.layers(hidden, rows, slots, cross)
 

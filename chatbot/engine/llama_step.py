@@ -40,8 +40,8 @@ from chatbot.engine.kernels.rows import PackedLinear, padded_by
 from chatbot.engine.model_step import (
     DecoderOnlyStep,
     OneRowCompilable,
+    Run,
     Runs,
-    _Run,
     attend_by_run,
     batch_dims,
     length_carrier,
@@ -236,7 +236,7 @@ class OneRowLayers(CompiledLayers):
     ) -> torch.Tensor:
         width, slots = width_of.shape[0], RowSlots.over(keys, values)
         at = slots.at(position)
-        step = StepRows(at, Rotation(cos, signed_sin), Runs([_Run(slice(0, 1), width)]), width)
+        step = StepRows(at, Rotation(cos, signed_sin), Runs([Run(slice(0, 1), width)]), width)
         return self.layers(hidden, step, slots)
 
 

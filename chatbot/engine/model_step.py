@@ -10,7 +10,7 @@ exact). ``generate`` attends through the same function (``attend_per_reply``).
 
 * ``EncoderDecoderStep`` (Blenderbot, ``encoder_decoder_step``): admitting a reply
   runs the encoder and projects the cross-attention keys/values once, into one row
-  that all the reply's beams read (``_Run.shared_row``); each step then runs the
+  that all the reply's beams read (``Run.shared_row``); each step then runs the
   decoder layers by hand.
 * ``DecoderOnlyStep`` (Llama, SmolLM2, Qwen...): admitting a reply runs its prompt
   through the model as ``generate`` would and copies the keys/values into its rows;
@@ -194,7 +194,7 @@ def batch_dims() -> tuple[dict[int, torch.export.Dim], dict[int, torch.export.Di
 
 
 @dataclass(frozen=True)
-class _Run:
+class Run:
     """One reply's rows (its beams), which attend over the same number of positions."""
 
     rows: slice
@@ -213,7 +213,7 @@ class _Run:
         return one.expand(self.rows.stop - self.rows.start, -1, -1, -1)
 
 
-class Runs(tuple[_Run, ...]):
+class Runs(tuple[Run, ...]):
     """A step's runs, in row order, which every layer's attention reads alike."""
 
     @classmethod
@@ -255,7 +255,7 @@ def _runs(lengths: list[int], replies: Sequence[int]) -> Runs:
     """Each reply's block of rows, with its length (``lengths`` has one per row)."""
     runs, first = [], 0
     for count in replies:
-        runs.append(_Run(slice(first, first + count), lengths[first]))
+        runs.append(Run(slice(first, first + count), lengths[first]))
         first += count
     return Runs(runs)
 
@@ -375,7 +375,7 @@ def attend_per_reply(
         if attention_mask is not None or query.shape[2] != 1:
             key, value = key.to(query.dtype), value.to(query.dtype)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        runs = Runs([_Run(slice(0, query.shape[0]), key.shape[2])])
+        runs = Runs([Run(slice(0, query.shape[0]), key.shape[2])])
 
     def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0].transpose(1, 2)

@@ -64,9 +64,14 @@ class Precision:
 
 
 CACHE = torch.bfloat16
-"""int8's key/value cache. In bfloat16, a key or value is rounded to 8 significant
-bits, as int8's activations are already (per row); measured (SmolLM2-135M-Instruct,
-``benchmarks/quality.py``): README's Precision table."""
+"""int8's key/value cache: each key and value rounded to 8 significant bits, as int8's
+activations already are (per row). Measured in one sitting (``benchmarks/quality.py``,
+SmolLM2-135M-Instruct, a Xeon with AMX): int8's perplexity +2.5% on float32's, against
++3.8% with a float32 cache; 20 against 22 of 200 greedy replies identical to float32's.
+Blenderbot-400M at 32 conversations: 441-449 -> 491-572 tokens/s (in process, in turns).
+int4 and bfloat16 keep float32: their 32-row steps are bound by their products
+(SmolLM2 int4: no faster; Blenderbot-400M bfloat16 below AMX: 2-5% faster), not worth
+bfloat16's 9 fewer of 200 greedy replies identical to float32's."""
 
 
 FLOAT32 = Precision("float32", torch.float32)
