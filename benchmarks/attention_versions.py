@@ -6,9 +6,11 @@ compiles ``attention.c`` as of ``--against`` (default ``HEAD``) and as it is now
 the engine's compiler and flags (``native.compile_command``), calls each library's
 ``attend_rows`` directly, in turns, on the same Blenderbot-400M-shaped rows, and prints
 each one's best time per call, ``now / then`` and the largest difference between their
-outputs.
+outputs. ``--cached bfloat16`` reads keys and values as int8's cache holds them
+(``precision.CACHE``); revisions before that cache (868e36e) take no such argument.
 
     python benchmarks/attention_versions.py [--against REV] [--rows 32] [--length 53]
+        [--cached bfloat16]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--against", default="HEAD", help="the git revision to compare with")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--length", type=int, default=53, help="positions each row reads")
+    parser.add_argument("--cached", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     then = subprocess.run(
         ["git", "show", f"{args.against}:{SOURCE}"],
@@ -60,15 +63,16 @@ def main() -> None:
     threads, n = torch.get_num_threads(), args.rows
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(n, HEADS, 1, DIM, generator=generator)
-    keys, values = torch.randn(2, n, HEADS, WIDTH, DIM, generator=generator).unbind()
+    cached = getattr(torch, args.cached)
+    keys, values = torch.randn(2, n, HEADS, WIDTH, DIM, generator=generator).to(cached).unbind()
     rows, lengths = torch.arange(n), torch.full((n,), args.length)
     scratch = torch.empty(threads * WIDTH)
 
     def call(library: ctypes.CDLL) -> torch.Tensor:
         out = torch.empty(n, HEADS, 1, DIM)
         library.attend_rows(
-            query.data_ptr(), query.stride(0), query.stride(1),
-            keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+            query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(),
+            cached == torch.bfloat16, keys.stride(0), keys.stride(1), keys.stride(2),
             rows.data_ptr(), lengths.data_ptr(), n, HEADS, 1, DIM,
             DIM**-0.5, out.data_ptr(), threads, scratch.data_ptr(), WIDTH,
         )  # fmt: skip
@@ -88,7 +92,8 @@ def main() -> None:
                 for _ in range(CALLS):
                     call(library)
                 best[name] = min(best[name], (time.perf_counter() - began) / CALLS)
-    print(f"{n} rows x {args.length} positions, {HEADS} heads of {DIM}, {threads} threads:")
+    print(f"{n} rows x {args.length} positions, {HEADS} heads of {DIM}, {args.cached} keys "
+          f"and values, {threads} threads:")  # fmt: skip
     for name, seconds in best.items():
         print(f"  {name:12s} {seconds * 1e3:.3f} ms a call")
     difference = (outputs["now"] - outputs[args.against]).abs().max().item()
