@@ -15,7 +15,7 @@ from torch.nn import functional
 
 from chatbot.engine.kernels import attention
 from chatbot.engine.kernels.attention import applies, attend_rows
-from chatbot.engine.model_step import Run, Runs, attend_by_run
+from chatbot.engine.model_step import Run, Runs, attend_by_run, attend_per_reply
 
 pytestmark = pytest.mark.skipif(
     attention.library() is None, reason="no C compiler: SDPA serves instead"
@@ -103,6 +103,35 @@ def test_where_the_kernel_does_not_apply_sdpa_reads_a_bfloat16_cache_widened():
     wide = keys.float(), values.float()
     assert torch.equal(got[:1], sdpa(query[:1], wide[0][:1, :, :4], wide[1][:1, :, :4]))
     assert torch.equal(got[1:], sdpa(query[1:], wide[0][1:], wide[1][1:]))
+
+
+def test_a_padded_batch_reads_each_prompt_over_its_own_length():
+    """``generate``'s padded batch (adaptive batching): the mask keeps a prefix of each
+    row (prompts padded on the right), and each row gets what it gets alone, in the
+    decoder's cross-attention from int8's bfloat16 cache, and in the encoder, whose
+    padding stays zeros. Other masks (a decoder-only batch, padded on the left) stay
+    SDPA's over the widened cache."""
+    generator = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 3, 4, 10, 40, generator=generator).bfloat16().unbind()
+    query = torch.randn(3, 4, 1, 40, generator=generator)
+    prompts = torch.randn(3, 4, 10, 40, generator=generator)  # every position of each
+    lengths = [10, 4, 7]
+    right = (torch.arange(10) < torch.tensor(lengths)[:, None])[:, None, None]
+    module = torch.nn.Module()
+    got, _ = attend_per_reply(module, query, keys, values, right)
+    encoded, _ = attend_per_reply(module, prompts, keys.float(), values.float(), right)
+    for i, length in enumerate(lengths):
+        own = keys[i : i + 1, :, :length], values[i : i + 1, :, :length]
+        alone, _ = attend_per_reply(module, query[i : i + 1], *own, None)
+        assert torch.equal(got[i : i + 1], alone)
+        own = tuple(t.float() for t in own)
+        alone, _ = attend_per_reply(module, prompts[i : i + 1, :, :length], *own, None)
+        assert torch.equal(encoded[i : i + 1, :length], alone)
+        assert not encoded[i, length:].any()
+    left = right.flip(-1)
+    got, _ = attend_per_reply(module, query, keys, values, left)
+    expected = functional.scaled_dot_product_attention(query, keys.float(), values.float(), left)
+    assert torch.equal(got, expected.transpose(1, 2))
 
 
 def test_sdpa_can_be_chosen_instead():

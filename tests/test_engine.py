@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -61,8 +63,20 @@ def test_sampling_knobs_imply_sampling_and_greedy_ignores_them(engine: ChatEngin
     assert (greedy.temperature, greedy.top_p) == (1.0, 1.0)
 
 
+@pytest.fixture(scope="module")
+def int8_engine(tiny_checkpoint: Path) -> ChatEngine:
+    return ChatEngine.load(tiny_checkpoint, "tiny-blenderbot", dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["auto", "int8"])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_a_batched_reply_is_token_identical_to_the_reply_alone(engine, num_beams):
+def test_a_batched_reply_is_token_identical_to_the_reply_alone(
+    engine, int8_engine, dtype, num_beams
+):
+    """Adaptive batching's padded ``generate`` call: each prompt's attention reads its
+    own positions (``model_step._prompt_lengths``), and int8's integer sums make the
+    rest exact, so its bfloat16 cache and rounded activations change no reply."""
+    engine = engine if dtype == "auto" else int8_engine
     requests = [request(p, num_beams=num_beams, max_new_tokens=24) for p in PROMPTS]
     plan = engine.plan(requests[0])
     inputs = [engine.encode(r).input_ids for r in requests]

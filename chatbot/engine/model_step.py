@@ -357,9 +357,11 @@ def attend_per_reply(
     length (``attend_by_run``): the decode loop's step passes ``runs``; ``generate``'s
     steps (every row as long as the others, no mask) are one run. Prompts packed side
     by side (``PackedPrompts``) pass their ``spans``: each attends alone, unmasked, as
-    its pass alone would. Anything else (a prompt, masked batches) is transformers'
-    SDPA attention, as it would be, over the cache's keys and values widened to the
-    query's dtype (``precision.Precision.cache``)."""
+    its pass alone would; so do the prompts of ``generate``'s padded batches
+    (``_prompt_lengths``), in the encoder and in cross-attention. Anything else (a
+    decoder-only batch padded on the left) is transformers' SDPA attention, as it would
+    be, over the cache's keys and values widened to the query's dtype
+    (``precision.Precision.cache``)."""
     if spans is not None:
         key, value = key.to(query.dtype), value.to(query.dtype)
         return torch.cat(
@@ -371,11 +373,16 @@ def attend_per_reply(
             ],
             dim=1,
         ), None
+    lengths = _prompt_lengths(attention_mask)
+    if lengths is not None:
+        lengths = lengths.expand(query.shape[0])
+    if runs is None and lengths is not None and query.shape[2] > 1:
+        return _each_prompt_alone(module, query, key, value, lengths, **kwargs), None
     if runs is None:
-        if attention_mask is not None or query.shape[2] != 1:
-            key, value = key.to(query.dtype), value.to(query.dtype)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        runs = Runs([Run(slice(0, query.shape[0]), key.shape[2])])
+        runs = _generate_runs(query, key, attention_mask, lengths)
+    if runs is None:
+        key, value = key.to(query.dtype), value.to(query.dtype)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     def unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0].transpose(1, 2)
@@ -383,6 +390,63 @@ def attend_per_reply(
     scale = kwargs.get("scaling")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     return attend_by_run(runs, query, key, value, unmasked, scale).transpose(1, 2), None
+
+
+def _prompt_lengths(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's length where ``attention_mask`` is a padded batch of ``generate``'s
+    prompts padded on the right, read with no causal mask (an encoder's, and the
+    decoder's cross-attention): every position of a row keeps the row's first
+    positions. None for any other mask (causal, padded on the left, additive)."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    kept = attention_mask[:, 0]  # (rows, query positions, key positions)
+    if not kept[:, :, 0].all():  # padded on the left: one check, at every decode step
+        return None
+    lengths = kept[:, 0].sum(dim=1)
+    prefixes = torch.arange(kept.shape[-1], device=kept.device) < lengths[:, None]
+    if not lengths.all() or not torch.equal(kept, prefixes[:, None].expand_as(kept)):
+        return None
+    return lengths
+
+
+def _each_prompt_alone(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """An encoder's attention over a padded batch of prompts (``_prompt_lengths``), each
+    prompt's positions over its own, as its pass alone computes them; padding stays
+    zeros (no later product reads it: ``skip_redundant_rows``)."""
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for row, length in enumerate(lengths.tolist()):
+        q, k, v = (t[row : row + 1, :, :length] for t in (query, key, value))
+        out[row, :length] = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0][0]
+    return out
+
+
+def _generate_runs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+) -> Runs | None:
+    """``generate``'s step of one new position per row, as runs: with no mask, every
+    row over every position; where a padded batch's cross-attention reads prompts of
+    ``lengths`` (``_prompt_lengths``) and the attention kernel takes the step, each
+    row over its own prompt, as its conversation alone reads it, with no float32 copy
+    of a bfloat16 cache (widening 16 ten-beam replies' prompts at every layer and
+    step took a quarter of int8's ``generate``). None: SDPA with the mask (a prompt,
+    a decoder-only batch padded on the left)."""
+    if query.shape[2] != 1:
+        return None
+    if attention_mask is None:
+        return Runs([Run(slice(0, query.shape[0]), key.shape[2])])
+    if lengths is None or not attention.applies(query, key):
+        return None
+    return Runs.of_rows(lengths)
 
 
 AttentionInterface.register(PER_REPLY, attend_per_reply)
