@@ -418,11 +418,12 @@ def _each_prompt_alone(
     **kwargs,
 ) -> torch.Tensor:
     """An encoder's attention over a padded batch of prompts (``_prompt_lengths``), each
-    prompt's positions over its own, as its pass alone computes them; padding stays
-    zeros (no later product reads it: ``skip_redundant_rows``)."""
+    prompt's positions over its own, as its pass alone computes them (keys and values
+    in the query's dtype, as SDPA takes them); padding stays zeros (no later product
+    reads it: ``skip_redundant_rows``)."""
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     for row, length in enumerate(lengths.tolist()):
-        q, k, v = (t[row : row + 1, :, :length] for t in (query, key, value))
+        q, k, v = (t[row : row + 1, :, :length].to(query.dtype) for t in (query, key, value))
         out[row, :length] = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0][0]
     return out
 
