@@ -373,12 +373,10 @@ def attend_per_reply(
             ],
             dim=1,
         ), None
-    lengths = _prompt_lengths(attention_mask)
-    if lengths is not None:
-        lengths = lengths.expand(query.shape[0])
-    if runs is None and lengths is not None and query.shape[2] > 1:
-        return _each_prompt_alone(module, query, key, value, lengths, **kwargs), None
     if runs is None:
+        lengths = _prompt_lengths(attention_mask, query.shape[0])
+        if lengths is not None and query.shape[2] > 1:
+            return _each_prompt_alone(module, query, key, value, lengths, **kwargs), None
         runs = _generate_runs(query, key, attention_mask, lengths)
     if runs is None:
         key, value = key.to(query.dtype), value.to(query.dtype)
@@ -392,11 +390,12 @@ def attend_per_reply(
     return attend_by_run(runs, query, key, value, unmasked, scale).transpose(1, 2), None
 
 
-def _prompt_lengths(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Each row's length where ``attention_mask`` is a padded batch of ``generate``'s
-    prompts padded on the right, read with no causal mask (an encoder's, and the
-    decoder's cross-attention): every position of a row keeps the row's first
-    positions. None for any other mask (causal, padded on the left, additive)."""
+def _prompt_lengths(attention_mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """Each of the ``rows`` rows' length where ``attention_mask`` is a padded batch of
+    ``generate``'s prompts padded on the right, read with no causal mask (an encoder's,
+    and the decoder's cross-attention): every position of a row keeps the row's first
+    positions, one at least. None for any other mask (causal, padded on the left,
+    additive)."""
     if attention_mask is None or attention_mask.dtype != torch.bool:
         return None
     kept = attention_mask[:, 0]  # (rows, query positions, key positions)
@@ -404,9 +403,9 @@ def _prompt_lengths(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         return None
     lengths = kept[:, 0].sum(dim=1)
     prefixes = torch.arange(kept.shape[-1], device=kept.device) < lengths[:, None]
-    if not lengths.all() or not torch.equal(kept, prefixes[:, None].expand_as(kept)):
+    if not torch.equal(kept, prefixes[:, None].expand_as(kept)):
         return None
-    return lengths
+    return lengths.expand(rows)
 
 
 def _each_prompt_alone(
