@@ -41,6 +41,6 @@ def test_the_llama_step_gives_the_models_own_logits(tiny_chat_checkpoint: Path, 
     if dtype != "stock":
         precision.apply(model, precision.resolve(dtype, torch.device("cpu")), pack_weights=True)
     assert LlamaStep.fits(model)
-    written_out = logits_of(LlamaStep(model, positions=64), steps=6)
-    own_forward = logits_of(DecoderOnlyStep(model, positions=64), steps=6)
+    written_out = logits_of(LlamaStep(model, 64, model.dtype), steps=6)
+    own_forward = logits_of(DecoderOnlyStep(model, 64, model.dtype), steps=6)
     assert all(map(torch.equal, written_out, own_forward))

@@ -63,7 +63,7 @@ def test_blenderbot_prompts_side_by_side_get_their_encoder_calls_values(
     tiny_checkpoint: Path, dtype: str
 ):
     model = packed(BlenderbotForConditionalGeneration.from_pretrained(tiny_checkpoint), dtype)
-    step = EncoderDecoderStep(model)
+    step = EncoderDecoderStep(model, model.dtype)
     assert step.packs_prompts == packs_prompts(dtype)
     with torch.inference_mode():
         step.reserve(sum(COPIES))
@@ -86,7 +86,7 @@ def test_llama_prompts_side_by_side_get_their_forwards_keys_and_logits(
     tiny_chat_checkpoint: Path, dtype: str
 ):
     model = packed(AutoModelForCausalLM.from_pretrained(tiny_chat_checkpoint), dtype)
-    step = DecoderOnlyStep(model, positions=64)
+    step = DecoderOnlyStep(model, 64, model.dtype)
     assert step.packs_prompts == packs_prompts(dtype)
     with torch.inference_mode():
         step.reserve(sum(COPIES))

@@ -59,7 +59,7 @@ class DecoderRows(NamedTuple):
 class EncoderDecoderStep(OneRowCompilable):
     compiled_name = "encoder-decoder"
 
-    def __init__(self, model: PreTrainedModel, stored: torch.dtype | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, stored: torch.dtype) -> None:
         super().__init__(model, stored)
         config = model.config
         self.decoder = model.get_decoder()

@@ -280,9 +280,7 @@ class LlamaStep(DecoderOnlyStep, OneRowCompilable):
         rope_type = model.model.rotary_emb.rope_type
         return "dynamic" not in rope_type and rope_type != "longrope"
 
-    def __init__(
-        self, model: PreTrainedModel, positions: int, stored: torch.dtype | None = None
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, positions: int, stored: torch.dtype) -> None:
         super().__init__(model, positions, stored)
         body = model.model
         self.embed, self.layers = body.embed_tokens, LlamaLayers(model)

@@ -50,11 +50,11 @@ class ModelStep(ABC):
 
     slots: RowSlots
 
-    def __init__(self, model: PreTrainedModel, stored: torch.dtype | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, stored: torch.dtype) -> None:
         self.model = model
         self.device = model.device
-        self.stored = stored or model.dtype
-        """What the key/value slots hold (``precision.Precision.cache``)."""
+        self.stored = stored
+        """What the key/value slots hold (``ChatEngine.cache_dtype``)."""
         model.set_attn_implementation(PER_REPLY)  # admit's spans and decode's runs go to it
         self.packs_prompts = all(map(_prompt_rows_alone, model.modules()))
         """Whether prompts share a pass (``PackedPrompts``): where every product computes
@@ -466,9 +466,7 @@ class _RowsCache(Cache):
 
 
 class DecoderOnlyStep(ModelStep):
-    def __init__(
-        self, model: PreTrainedModel, positions: int, stored: torch.dtype | None = None
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, positions: int, stored: torch.dtype) -> None:
         super().__init__(model, stored)
         config = model.config.get_text_config()
         heads = config.num_attention_heads
